@@ -1,0 +1,211 @@
+"""Pydantic models for every Redis stream payload and every HTTP body.
+
+Stream messages travel as two fields, ``type`` (the model's ``kind``) and
+``data`` (its JSON); ``decode_message`` turns them back into a model.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# --------------------------------------------------------------------------- streams
+
+STREAM_ROLLOUTS = "grace:rollouts"  # RolloutGroup ... IterationComplete(stage="rollout")
+STREAM_SAMPLES = "grace:samples"  # WeightedSample ... IterationComplete(stage="reward")
+STREAM_ADAPTERS = "grace:adapters"  # AdapterEvent (trainer) and AdapterStatus (rollout replicas)
+
+
+class StreamPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: ClassVar[str]
+    run_id: str
+    iteration: int = Field(ge=0)
+
+
+class RolloutGroup(StreamPayload):
+    """One query and its m sampled responses (paper 3.3)."""
+
+    kind: ClassVar[str] = "rollout_group"
+    group_id: str = Field(description="unique within the run, e.g. '<run>:<iteration>:<index>'")
+    group_index: int = Field(ge=0)
+    query: str
+    responses: list[str]
+    adapter_version: str = Field("base", description="adapter the responses were sampled from")
+    created_at: float = Field(default_factory=time.time)
+
+
+class WeightedSample(StreamPayload):
+    """One response with its calibrated weight W (eq. 8-9)."""
+
+    kind: ClassVar[str] = "weighted_sample"
+    sample_id: str = Field(description="'<group_id>:<response_index>', the idempotency key")
+    group_id: str
+    response_index: int = Field(ge=0)
+    query: str
+    response: str
+    weight: float
+    label: Literal["desirable", "undesirable"]
+    parsed: bool
+    z: float | None = None
+    rank_sum: float | None = None
+
+
+class IterationComplete(StreamPayload):
+    """Closes an iteration on a stream: ``count`` items were published before it."""
+
+    kind: ClassVar[str] = "iteration_complete"
+    stage: Literal["rollout", "reward"]
+    count: int = Field(ge=0)
+
+
+class AdapterEvent(StreamPayload):
+    """A new LoRA adapter in the adapter store, published by the trainer."""
+
+    kind: ClassVar[str] = "adapter_event"
+    version: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    path: str
+    checksum: str = Field(description="sha256 over the adapter's files, see shared.adapters.adapter_checksum")
+    rank: int = Field(ge=1)
+    loss: str = "grace_kto"
+    created_at: float = Field(default_factory=time.time)
+
+
+class AdapterStatus(StreamPayload):
+    """What a rollout replica did with an AdapterEvent."""
+
+    kind: ClassVar[str] = "adapter_status"
+    version: str
+    replica: str
+    status: Literal["loaded", "rejected"]
+    reason: str | None = None
+
+
+PAYLOAD_TYPES: dict[str, type[StreamPayload]] = {
+    cls.kind: cls for cls in (RolloutGroup, WeightedSample, IterationComplete, AdapterEvent, AdapterStatus)
+}
+
+
+def encode_message(payload: StreamPayload) -> dict[str, str]:
+    return {"type": payload.kind, "data": payload.model_dump_json()}
+
+
+def decode_message(fields: dict) -> StreamPayload:
+    """Fields of a stream entry (bytes or str) -> payload model; ValueError if unknown or invalid."""
+    fields = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in fields.items()}
+    kind = fields.get("type")
+    if kind not in PAYLOAD_TYPES:
+        raise ValueError(f"unknown message type {kind!r}")
+    return PAYLOAD_TYPES[kind].model_validate_json(fields.get("data", ""))
+
+
+# --------------------------------------------------------------------------- reward API
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+class Metrics(BaseModel):
+    """Per-response metrics of paper 3.3 (appendix A)."""
+
+    length: float = Field(description="L: tokens of the document")
+    diversity: float = Field(description="E: unique n-grams / n-grams x 100")
+    professionalism: float = Field(description="P = general_perplexity - domain_perplexity")
+    general_perplexity: float
+    domain_perplexity: float
+    relevance_summary: float = Field(description="Rs: BGE-M3 query vs summary")
+    relevance_document: float = Field(description="Rd: BGE-M3 query vs document")
+
+
+class ScoreGroup(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    query: NonEmptyStr
+    responses: list[str] = Field(min_length=1)
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    groups: list[ScoreGroup] = Field(min_length=1)
+
+
+class ResponseResult(BaseModel):
+    index: int
+    parsed: bool
+    metrics: Metrics | None = None
+    rank_sum: float | None = None
+    z: float | None = None
+    weight: float
+
+
+class GroupResult(BaseModel):
+    query: str | None = None
+    results: list[ResponseResult]
+
+
+class ScoreResponse(BaseModel):
+    groups: list[GroupResult]
+
+
+class CalibrateItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    parsed: bool
+    metrics: Metrics | None = None
+
+
+class CalibrateGroup(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    responses: list[CalibrateItem] = Field(min_length=1)
+
+
+class CalibrateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    groups: list[CalibrateGroup] = Field(min_length=1)
+
+
+# --------------------------------------------------------------------------- judge API
+
+CRITERIA = (
+    "content_accuracy_relevance",
+    "tone_formality",
+    "idea_development_argumentation",
+    "structure_clarity",
+    "persuasiveness_effectiveness",
+)
+
+Score10 = Annotated[int, Field(ge=1, le=10)]
+
+
+class JudgeCriteria(BaseModel):
+    content_accuracy_relevance: Score10
+    tone_formality: Score10
+    idea_development_argumentation: Score10
+    structure_clarity: Score10
+    persuasiveness_effectiveness: Score10
+
+
+class JudgeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    instruction: NonEmptyStr
+    response: str
+
+
+class JudgeResult(BaseModel):
+    criteria: JudgeCriteria
+    analysis: str
+    score: float = Field(description="mean of the five criteria x 10")
+
+
+class JudgeBatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    items: list[JudgeRequest] = Field(min_length=1)
+
+
+class JudgeBatchItem(BaseModel):
+    index: int
+    result: JudgeResult | None = None
+    error: str | None = None
+
+
+class JudgeBatchResponse(BaseModel):
+    items: list[JudgeBatchItem]

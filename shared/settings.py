@@ -1,0 +1,96 @@
+"""Settings: one class per service on a common base.
+
+Sources, highest priority first: constructor arguments, environment variables
+with the service's prefix (``GRACE_REWARD_``, ``GRACE_ROLLOUT_``, ...), plain
+``REDIS_URL`` for the Redis URL, then an optional YAML file named by
+``GRACE_CONFIG`` whose ``common:`` section applies to every service and whose
+``<service>:`` section (``reward:``, ``rollout:``, ...) to one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+from pydantic import Field, SecretStr
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+def grace_home() -> Path:
+    """Root for caches and run folders (``GRACE_HOME``, default ``~/.cache/grace``)."""
+    return Path(os.environ.get("GRACE_HOME", Path.home() / ".cache" / "grace"))
+
+
+def service_config(prefix: str) -> SettingsConfigDict:
+    return SettingsConfigDict(env_prefix=prefix, extra="ignore", env_nested_delimiter="__")
+
+
+class YamlSectionSource(PydanticBaseSettingsSource):
+    """Reads ``common`` + one service section from the YAML file in ``GRACE_CONFIG``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], section: str):
+        super().__init__(settings_cls)
+        self.values: dict[str, Any] = {}
+        path = os.environ.get("GRACE_CONFIG")
+        if not path:
+            return
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"GRACE_CONFIG {path}: top level must be a mapping")
+        for key in ("common", section):
+            part = data.get(key) or {}
+            if not isinstance(part, dict):
+                raise ValueError(f"GRACE_CONFIG {path}: section {key!r} must be a mapping")
+            self.values.update(part)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.values.items() if k in self.settings_cls.model_fields}
+
+
+class ServiceSettings(BaseSettings):
+    """What every service shares: Redis, model paths, adapter store, API key.
+
+    A service subclasses it with its own section and prefix::
+
+        class RewardSettings(ServiceSettings):
+            section: ClassVar[str] = "reward"
+            model_config = service_config("GRACE_REWARD_")
+    """
+
+    section: ClassVar[str] = "common"
+    model_config = service_config("GRACE_")
+
+    redis_url: str | None = Field(
+        default_factory=lambda: os.environ.get("REDIS_URL"),
+        description="Redis URL; unset = start a private local redis-server",
+    )
+    policy_model: str | None = Field(None, description="policy / general model path (unset = tiny local set)")
+    general_model: str | None = Field(None, description="general model M_G for perplexity (default: policy_model)")
+    domain_model: str | None = Field(None, description="domain-adapted model M_D for perplexity")
+    embedding_model: str | None = Field(None, description="BGE-M3 folder for relevance")
+    adapter_root: Path = Field(default_factory=lambda: grace_home() / "adapters", description="adapter store root")
+    run_root: Path = Field(default_factory=lambda: Path("runs"), description="run folders live here")
+    api_key: SecretStr | None = Field(None, description="bearer API key required by the HTTP API (unset = open)")
+    run_id: str = Field("default", description="run id tagged on every stream message")
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, YamlSectionSource(settings_cls, cls.section), file_secret_settings)
+
+    def api_key_value(self) -> str | None:
+        return self.api_key.get_secret_value() if self.api_key else None
+

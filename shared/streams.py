@@ -1,0 +1,176 @@
+"""Redis stream helpers: publish, consumer-group read, ack, reclaim, dead-letter.
+
+Delivery is at-least-once: a consumer acks only after its work is durable;
+entries left pending by a dead consumer are reclaimed (XAUTOCLAIM) once idle
+for ``min_idle_ms``; an entry delivered more than ``max_deliveries`` times is
+moved to ``<stream>:dead`` and acked so it cannot block the group forever.
+Consumers must therefore be idempotent (every payload carries an id).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import redis
+
+from shared.schemas import StreamPayload, decode_message, encode_message
+
+log = logging.getLogger(__name__)
+
+
+def publish(client: redis.Redis, stream: str, payload: StreamPayload) -> str:
+    entry_id = client.xadd(stream, encode_message(payload))
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+
+@dataclass
+class StreamEntry:
+    id: str
+    fields: dict[str, str]
+    deliveries: int = 1
+    payload: StreamPayload | None = None
+    error: str | None = None  # why ``payload`` could not be decoded
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class StreamConsumer:
+    """One consumer in a consumer group of one stream.
+
+    ``read`` hands out, in this order: this consumer's own pending entries
+    (left from before a restart under the same name), entries of dead
+    consumers idle for ``min_idle_ms``, then new entries.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        min_idle_ms: int = 60_000,
+        max_deliveries: int = 5,
+        start_id: str = "0",
+    ):
+        self.client = client
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer
+        self.min_idle_ms = min_idle_ms
+        self.max_deliveries = max_deliveries
+        self.dead_letter_stream = f"{stream}:dead"
+        self._own_pending_done = False
+        self.ensure_group(start_id)
+
+    def ensure_group(self, start_id: str = "0") -> None:
+        try:
+            self.client.xgroup_create(self.stream, self.group, id=start_id, mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def read(self, count: int = 16, block_ms: int | None = 1000) -> list[StreamEntry]:
+        if not self._own_pending_done:
+            entries = self._xreadgroup("0", count, None)
+            if entries:
+                return entries
+            self._own_pending_done = True
+        entries = self.reclaim(count)
+        if entries:
+            return entries
+        return self._xreadgroup(">", count, block_ms)
+
+    def _xreadgroup(self, start: str, count: int, block_ms: int | None) -> list[StreamEntry]:
+        reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: start}, count=count, block=block_ms)
+        raw = [(i, f) for _, items in (reply or []) for i, f in items if f]  # history may hold deleted ids
+        return self._entries(raw)
+
+    def reclaim(self, count: int = 16) -> list[StreamEntry]:
+        """Takes over entries other consumers left pending for ``min_idle_ms``."""
+        reply = self.client.xautoclaim(
+            self.stream, self.group, self.consumer, min_idle_time=self.min_idle_ms, start_id="0-0", count=count
+        )
+        claimed = [(i, f) for i, f in reply[1] if f]
+        return self._entries(claimed)
+
+    def _entries(self, raw: list) -> list[StreamEntry]:
+        if not raw:
+            return []
+        ids = [_text(i) for i, _ in raw]
+        deliveries = self._delivery_counts(ids)
+        out = []
+        for (entry_id, fields), id_text in zip(raw, ids):
+            entry = StreamEntry(id=id_text, fields={_text(k): _text(v) for k, v in fields.items()})
+            entry.deliveries = deliveries.get(id_text, 1)
+            if entry.deliveries > self.max_deliveries:
+                self.dead_letter(entry, f"delivered {entry.deliveries} times (max {self.max_deliveries})")
+                continue
+            try:
+                entry.payload = decode_message(entry.fields)
+            except ValueError as exc:
+                entry.error = str(exc)
+            out.append(entry)
+        return out
+
+    def _delivery_counts(self, ids: list[str]) -> dict[str, int]:
+        lo, hi = min(ids, key=_id_key), max(ids, key=_id_key)
+        rows = self.client.xpending_range(self.stream, self.group, min=lo, max=hi, count=len(ids) + 1000)
+        return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+
+    def ack(self, *ids: str) -> int:
+        return self.client.xack(self.stream, self.group, *ids) if ids else 0
+
+    def dead_letter(self, entry: StreamEntry, reason: str) -> None:
+        """Moves an entry to ``<stream>:dead`` with the reason, then acks it."""
+        log.warning("event=dead_letter stream=%s id=%s reason=%s", self.stream, entry.id, reason)
+        fields = dict(entry.fields)
+        fields.update(
+            {"dead.id": entry.id, "dead.group": self.group, "dead.reason": reason, "dead.deliveries": str(entry.deliveries)}
+        )
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(self.dead_letter_stream, fields)
+        pipe.xack(self.stream, self.group, entry.id)
+        pipe.execute()
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class IterationManifest:
+    """How many items each stage of an iteration holds, and which are done.
+
+    Keys: ``grace:manifest:<run>`` (hash ``<stage>:<iteration>`` -> expected
+    count) and ``grace:done:<run>:<stage>:<iteration>`` (set of item ids).
+    """
+
+    def __init__(self, client: redis.Redis, run_id: str):
+        self.client = client
+        self.run_id = run_id
+        self.key = f"grace:manifest:{run_id}"
+
+    def set_expected(self, stage: str, iteration: int, count: int) -> None:
+        self.client.hset(self.key, f"{stage}:{iteration}", count)
+
+    def expected(self, stage: str, iteration: int) -> int | None:
+        value = self.client.hget(self.key, f"{stage}:{iteration}")
+        return None if value is None else int(value)
+
+    def _done_key(self, stage: str, iteration: int) -> str:
+        return f"grace:done:{self.run_id}:{stage}:{iteration}"
+
+    def mark_done(self, stage: str, iteration: int, item_id: str) -> bool:
+        """True if the item was not marked before."""
+        return bool(self.client.sadd(self._done_key(stage, iteration), item_id))
+
+    def done_count(self, stage: str, iteration: int) -> int:
+        return int(self.client.scard(self._done_key(stage, iteration)))
+
+    def is_complete(self, stage: str, iteration: int) -> bool:
+        expected = self.expected(stage, iteration)
+        return expected is not None and self.done_count(stage, iteration) >= expected
