@@ -1,0 +1,112 @@
+"""Stream helpers against a real Redis server."""
+
+import multiprocessing
+import os
+import signal
+import time
+
+import redis
+
+from shared.schemas import STREAM_ROLLOUTS, IterationComplete, RolloutGroup
+from shared.streams import IterationManifest, StreamConsumer, publish
+
+
+def _group(i: int) -> RolloutGroup:
+    return RolloutGroup(run_id="r", iteration=0, group_id=f"r:0:{i}", group_index=i, query=f"q{i}", responses=["a", "b"])
+
+
+def test_publish_consume_ack(redis_client):
+    ids = [publish(redis_client, STREAM_ROLLOUTS, _group(i)) for i in range(3)]
+    consumer = StreamConsumer(redis_client, STREAM_ROLLOUTS, "reward", "c1")
+    entries = consumer.read(count=10, block_ms=100)
+    assert [e.id for e in entries] == ids
+    assert [e.payload.group_id for e in entries] == ["r:0:0", "r:0:1", "r:0:2"]
+    assert all(e.deliveries == 1 for e in entries)
+    assert consumer.ack(*ids) == 3
+    assert redis_client.xpending(STREAM_ROLLOUTS, "reward")["pending"] == 0
+    assert consumer.read(count=10, block_ms=50) == []
+
+
+def test_groups_fan_out_and_consumers_share(redis_client):
+    publish(redis_client, STREAM_ROLLOUTS, _group(0))
+    publish(redis_client, STREAM_ROLLOUTS, _group(1))
+    a = StreamConsumer(redis_client, STREAM_ROLLOUTS, "g1", "a")
+    b = StreamConsumer(redis_client, STREAM_ROLLOUTS, "g1", "b")
+    other = StreamConsumer(redis_client, STREAM_ROLLOUTS, "g2", "x")
+    got_a = a.read(count=1, block_ms=50)
+    got_b = b.read(count=1, block_ms=50)
+    assert {e.payload.group_id for e in got_a + got_b} == {"r:0:0", "r:0:1"}  # shared within a group
+    assert len(other.read(count=10, block_ms=50)) == 2  # every group sees everything
+
+
+def test_restarted_consumer_rereads_its_own_pending(redis_client):
+    publish(redis_client, STREAM_ROLLOUTS, _group(0))
+    first = StreamConsumer(redis_client, STREAM_ROLLOUTS, "reward", "worker-1")
+    (entry,) = first.read(block_ms=50)
+    restarted = StreamConsumer(redis_client, STREAM_ROLLOUTS, "reward", "worker-1")
+    (again,) = restarted.read(block_ms=50)
+    assert again.id == entry.id and again.deliveries == 2
+
+
+def _consume_without_ack(url: str, ready) -> None:
+    client = redis.Redis.from_url(url)
+    StreamConsumer(client, STREAM_ROLLOUTS, "reward", "doomed").read(count=10, block_ms=1000)
+    ready.set()
+    time.sleep(60)  # killed before it can ack
+
+
+def test_entry_of_killed_consumer_is_reclaimed(redis_client, redis_url):
+    publish(redis_client, STREAM_ROLLOUTS, _group(7))
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_consume_without_ack, args=(redis_url, ready))
+    proc.start()
+    assert ready.wait(10)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    survivor = StreamConsumer(redis_client, STREAM_ROLLOUTS, "reward", "survivor", min_idle_ms=200)
+    assert survivor.read(block_ms=10) == []  # not idle long enough yet
+    time.sleep(0.3)
+    (entry,) = survivor.read(block_ms=10)
+    assert entry.payload.group_id == "r:0:7" and entry.deliveries == 2
+    survivor.ack(entry.id)
+    assert redis_client.xpending(STREAM_ROLLOUTS, "reward")["pending"] == 0
+
+
+def test_dead_letter_after_max_deliveries(redis_client):
+    entry_id = publish(redis_client, STREAM_ROLLOUTS, _group(1))
+    seen = 0
+    for attempt in range(5):
+        consumer = StreamConsumer(redis_client, STREAM_ROLLOUTS, "reward", "flaky", max_deliveries=3)
+        entries = consumer.read(block_ms=10)
+        seen += len(entries)
+    assert seen == 3  # delivered 3 times, the 4th delivery goes to the dead-letter stream
+    dead = redis_client.xrange(f"{STREAM_ROLLOUTS}:dead")
+    assert len(dead) == 1
+    fields = {k.decode(): v.decode() for k, v in dead[0][1].items()}
+    assert fields["dead.id"] == entry_id and fields["dead.deliveries"] == "4"
+    assert redis_client.xpending(STREAM_ROLLOUTS, "reward")["pending"] == 0
+
+
+def test_undecodable_entry_is_reported_not_raised(redis_client):
+    redis_client.xadd(STREAM_ROLLOUTS, {"type": "rollout_group", "data": "{not json"})
+    redis_client.xadd(STREAM_ROLLOUTS, {"type": "mystery", "data": "{}"})
+    consumer = StreamConsumer(redis_client, STREAM_ROLLOUTS, "reward", "c")
+    entries = consumer.read(block_ms=10)
+    assert [e.payload for e in entries] == [None, None]
+    assert "unknown message type" in entries[1].error
+    for entry in entries:
+        consumer.dead_letter(entry, entry.error)
+    assert redis_client.xlen(f"{STREAM_ROLLOUTS}:dead") == 2
+
+
+def test_iteration_manifest(redis_client):
+    manifest = IterationManifest(redis_client, "run-a")
+    assert manifest.expected("rollout", 0) is None and not manifest.is_complete("rollout", 0)
+    manifest.set_expected("rollout", 0, 2)
+    assert manifest.mark_done("rollout", 0, "g0") is True
+    assert manifest.mark_done("rollout", 0, "g0") is False  # idempotent
+    assert not manifest.is_complete("rollout", 0)
+    manifest.mark_done("rollout", 0, "g1")
+    assert manifest.is_complete("rollout", 0) and manifest.done_count("rollout", 0) == 2
+    publish(redis_client, STREAM_ROLLOUTS, IterationComplete(run_id="run-a", iteration=0, stage="rollout", count=2))
