@@ -67,3 +67,7 @@ def _register_service(name: str) -> None:
 
 for _name in SERVICES:
     _register_service(_name)
+
+
+if __name__ == "__main__":
+    app()

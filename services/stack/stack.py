@@ -1,0 +1,145 @@
+"""The local stack: Redis plus the four services as supervised child processes.
+
+Every child gets one YAML settings file (``GRACE_CONFIG``) written into the
+stack folder, so all of them agree on Redis, the models and the adapter
+store; logs go to ``<stack dir>/logs/<service>.log``. A child that dies is
+restarted (with backoff); Ctrl-C or ``down()`` stops everything, process
+groups included, so no orphan stays behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from shared.local_redis import LocalRedis, free_port
+from shared.process import ServiceProcess
+
+log = logging.getLogger(__name__)
+
+SERVICES = ("rollout", "reward", "trainer", "judge")
+HEALTH_PATHS = {"rollout": "/health", "reward": "/ready", "judge": "/health"}  # the trainer has no HTTP port
+
+
+@dataclass
+class StackConfig:
+    stack_dir: Path
+    services: tuple[str, ...] = SERVICES
+    redis_url: str | None = None
+    host: str = "127.0.0.1"
+    ports: dict[str, int] = field(default_factory=dict)
+    common: dict = field(default_factory=dict)  # settings every service shares (models, adapter_root, ...)
+    per_service: dict[str, dict] = field(default_factory=dict)
+    startup_timeout: float = 600.0
+
+
+@dataclass
+class StackInfo:
+    """What clients need to reach a running stack (written to ``stack.json``)."""
+
+    redis_url: str
+    urls: dict[str, str]
+    config_path: str
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.__dict__, indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> "StackInfo":
+        if not path.exists():
+            raise FileNotFoundError(f"no running stack described at {path}: start one with `grace stack up`")
+        return cls(**json.loads(path.read_text()))
+
+
+class LocalStack:
+    def __init__(self, config: StackConfig):
+        self.config = config
+        self.dir = Path(config.stack_dir).resolve()
+        self.redis: LocalRedis | None = None
+        self.processes: dict[str, ServiceProcess] = {}
+        self.restarts: dict[str, int] = {}
+        self.info: StackInfo | None = None
+
+    def up(self) -> StackInfo:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        redis_url = self.config.redis_url
+        if not redis_url:
+            self.redis = LocalRedis(data_dir=self.dir / "redis").start()
+            redis_url = self.redis.url
+        ports = {name: self.config.ports.get(name) or free_port() for name in self.config.services if name in HEALTH_PATHS}
+        urls = {name: f"http://{self.config.host}:{port}" for name, port in ports.items()}
+        settings = {"common": {**self.config.common, "redis_url": redis_url}}
+        for name, values in self.config.per_service.items():
+            settings[name] = dict(values)
+        if "rollout" in urls:  # the judge defaults to the project's own rollout service
+            settings.setdefault("judge", {}).setdefault("base_url", urls["rollout"] + "/v1")
+            settings["judge"].setdefault("model", "policy")
+        config_path = self.dir / "settings.yaml"
+        config_path.write_text(yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
+        try:
+            for name in self.config.services:
+                self._start(name, ports.get(name), urls.get(name), config_path)
+            for name, process in self.processes.items():
+                process.wait_healthy(timeout=self.config.startup_timeout)
+                log.info("event=service_ready name=%s url=%s", name, urls.get(name, "-"))
+        except BaseException:
+            self.down()
+            raise
+        self.info = StackInfo(redis_url=redis_url, urls=urls, config_path=str(config_path))
+        self.info.save(self.dir / "stack.json")
+        return self.info
+
+    def _start(self, name: str, port: int | None, url: str | None, config_path: Path) -> None:
+        command = [sys.executable, "-m", "shared.cli", "serve", name]
+        if port is not None:
+            command += ["--host", self.config.host, "--port", str(port)]
+        process = ServiceProcess(
+            name,
+            command,
+            self.dir / "logs" / f"{name}.log",
+            health_url=f"{url}{HEALTH_PATHS[name]}" if url else None,
+            env={"GRACE_CONFIG": str(config_path), "PYTHONUNBUFFERED": "1"},
+        )
+        self.processes[name] = process.start()
+
+    def supervise(self, interval: float = 2.0, max_restarts: int = 5) -> None:
+        """Restarts children that die (up to ``max_restarts`` each); returns on KeyboardInterrupt."""
+        try:
+            while True:
+                for name, process in list(self.processes.items()):
+                    if process.alive():
+                        continue
+                    count = self.restarts.get(name, 0)
+                    if count >= max_restarts:
+                        raise RuntimeError(f"{name} died {count + 1} times; see {process.log_path}")
+                    log.warning("event=service_died name=%s rc=%s restart=%d", name, process.process.returncode, count + 1)
+                    time.sleep(min(30, 2**count))
+                    process.stop()
+                    process.start()
+                    self.restarts[name] = count + 1
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            pass
+
+    def down(self) -> None:
+        for name in reversed(list(self.processes)):
+            self.processes[name].stop()
+        self.processes.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+        stack_file = self.dir / "stack.json"
+        if stack_file.exists():
+            stack_file.unlink()
+
+    def __enter__(self) -> StackInfo:
+        return self.up()
+
+    def __exit__(self, *exc) -> None:
+        self.down()
