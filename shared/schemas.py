@@ -34,6 +34,9 @@ class RolloutGroup(StreamPayload):
     query: str
     responses: list[str]
     adapter_version: str = Field("base", description="adapter the responses were sampled from")
+    query_source: Literal["generated", "seed_fallback", "fixed"] = Field(
+        "generated", description="generated (3.2), an unused seed query (fallback), or a fixed offline set"
+    )
     created_at: float = Field(default_factory=time.time)
 
 

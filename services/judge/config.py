@@ -1,0 +1,65 @@
+"""Judge service settings (env prefix ``GRACE_JUDGE_``, YAML section ``judge:``).
+
+The backend is any OpenAI-compatible chat endpoint: GPT-4o as in the paper
+(``GRACE_JUDGE_BASE_URL=https://api.openai.com/v1``, ``GRACE_JUDGE_MODEL=gpt-4o``,
+``GRACE_JUDGE_API_KEY=sk-...``) or a vLLM server (the project's rollout
+service or a dedicated judge model).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, SecretStr
+
+from shared.settings import ServiceSettings, service_config
+
+
+class JudgeSettings(ServiceSettings):
+    section: ClassVar[str] = "judge"
+    model_config = service_config("GRACE_JUDGE_")
+
+    host: str = Field("127.0.0.1", description="bind address of `grace serve judge`")
+    port: int = Field(8003, description="port of `grace serve judge`")
+
+    # Backend. `api_key` here is the *backend's* key (GRACE_JUDGE_API_KEY, e.g. an OpenAI key);
+    # the key that protects this service's own HTTP API is `server_api_key`.
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible base URL of the judge model")
+    model: str = Field("policy", description="judge model name at the backend (gpt-4o in the paper)")
+    api_key: SecretStr | None = Field(None, description="backend API key (GRACE_JUDGE_API_KEY); unset = 'EMPTY'")
+    server_api_key: SecretStr | None = Field(None, description="bearer key required by /v1/judge (unset = open)")
+
+    structured_output: Literal["json_schema", "json_object", "none"] = Field(
+        "json_schema",
+        description="response_format sent to the backend; a backend that rejects it is asked again without",
+    )
+    analysis_max_chars: int = Field(
+        2000, ge=0, description="maxLength of the analysis in the JSON schema (0 = no limit)"
+    )
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="OpenAI frequency_penalty (a weak judge model may loop on whitespace in JSON)"
+    )
+    max_tokens: int = Field(1024, ge=16, description="completion budget of one judgement")
+
+    timeout_s: float = Field(120.0, gt=0, description="per backend request")
+    max_retries: int = Field(4, ge=0, description="retries on 429, 5xx, timeouts and unjudgeable answers")
+    backoff_base_s: float = Field(1.0, ge=0, description="exponential backoff: base x 2^attempt (with jitter)")
+    backoff_max_s: float = Field(30.0, ge=0, description="cap of one backoff sleep")
+    max_retry_after_s: float = Field(
+        120.0, ge=0, description="a Retry-After longer than this ends the retries (502) instead of waiting"
+    )
+    max_concurrency: int = Field(8, ge=1, description="backend requests in flight at once (per process)")
+
+    max_input_chars: int = Field(400_000, ge=1, description="longest instruction or response accepted (422 above)")
+    max_batch_items: int = Field(256, ge=1, description="largest /v1/judge/batch (422 above)")
+
+    def backend_api_key(self) -> str:
+        return self.api_key.get_secret_value() if self.api_key else "EMPTY"
+
+    def server_api_key_value(self) -> str | None:
+        return self.server_api_key.get_secret_value() if self.server_api_key else None
+
+    def api_key_value(self) -> str | None:
+        """The key *this* service requires (the base class's meaning), never the backend's key."""
+        return self.server_api_key_value()

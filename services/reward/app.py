@@ -1,0 +1,293 @@
+"""HTTP API of the reward service (DESIGN.md section 3): thin routes over the scorer and calibration.
+
+Models load in a background thread at startup (``/ready`` says when); scoring
+runs in worker threads, at most ``max_concurrency`` at once, with at most
+``max_queue`` requests waiting; beyond that a 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from services.reward.config import RewardSettings
+from services.reward.scorer import ComputeStats, Scorer, score_response
+from services.reward.telemetry import Telemetry
+from shared.schemas import CalibrateRequest, ScoreRequest, ScoreResponse
+
+log = logging.getLogger(__name__)
+
+
+class Busy(Exception):
+    """No scoring slot and the wait queue is full."""
+
+
+class Admission:
+    """``slots`` jobs at once, ``queue`` more waiting; the rest are turned away."""
+
+    def __init__(self, slots: int, queue: int, telemetry: Telemetry):
+        self.slots = asyncio.Semaphore(slots)
+        self.queue = queue
+        self.waiting = 0
+        self.telemetry = telemetry
+
+    @asynccontextmanager
+    async def enter(self):
+        if self.slots.locked() and self.waiting >= self.queue:
+            raise Busy
+        self.waiting += 1
+        self.telemetry.waiting.set(self.waiting)
+        try:
+            await self.slots.acquire()
+        finally:
+            self.waiting -= 1
+            self.telemetry.waiting.set(self.waiting)
+        self.telemetry.in_flight.inc()
+        try:
+            yield
+        finally:
+            self.telemetry.in_flight.dec()
+            self.slots.release()
+
+
+@dataclass
+class ServiceState:
+    settings: RewardSettings
+    telemetry: Telemetry
+    admission: Admission
+    scorer: Scorer | None = None
+    load_error: str | None = None
+    loaded: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413 before anything parses it."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._reject(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                return await self._reject(scope, receive, send)
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, scope: dict, receive: Any, send: Any) -> None:
+        detail = f"request body larger than {self.max_bytes} bytes (max_body_bytes)"
+        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+
+
+def _too_long(loc: tuple, msg: str) -> dict:
+    return {"type": "too_long", "loc": ("body", *loc), "msg": msg, "input": None}
+
+
+def check_score_limits(body: ScoreRequest, s: RewardSettings) -> None:
+    """422 naming the field for every limit a valid body can still exceed."""
+    errors = []
+    if len(body.groups) > s.max_groups:
+        errors.append(_too_long(("groups",), f"at most {s.max_groups} groups per request, got {len(body.groups)}"))
+    for g, group in enumerate(body.groups[: s.max_groups]):
+        if len(group.query) > s.max_query_chars:
+            errors.append(_too_long(("groups", g, "query"), f"query longer than {s.max_query_chars} characters"))
+        if len(group.responses) > s.max_responses:
+            errors.append(
+                _too_long(("groups", g, "responses"), f"at most {s.max_responses} responses per group, got {len(group.responses)}")
+            )
+        for r, text in enumerate(group.responses[: s.max_responses]):
+            if len(text) > s.max_response_chars:
+                errors.append(
+                    _too_long(("groups", g, "responses", r), f"response longer than {s.max_response_chars} characters")
+                )
+    if errors:
+        raise RequestValidationError(errors[:20])
+
+
+def check_calibrate_body(body: CalibrateRequest, s: RewardSettings) -> None:
+    errors = []
+    if len(body.groups) > s.max_groups:
+        errors.append(_too_long(("groups",), f"at most {s.max_groups} groups per request, got {len(body.groups)}"))
+    for g, group in enumerate(body.groups[: s.max_groups]):
+        if len(group.responses) > s.max_responses:
+            errors.append(_too_long(("groups", g, "responses"), f"at most {s.max_responses} responses per group"))
+        for r, item in enumerate(group.responses[: s.max_responses]):
+            loc = ("body", "groups", g, "responses", r, "metrics")
+            if item.parsed and item.metrics is None:
+                errors.append({"type": "missing", "loc": loc, "msg": "metrics are required when parsed is true", "input": None})
+            elif item.parsed and not all(math.isfinite(v) for v in item.metrics.model_dump().values()):
+                errors.append({"type": "finite_number", "loc": loc, "msg": "metrics must be finite numbers", "input": None})
+    if errors:
+        raise RequestValidationError(errors[:20])
+
+
+_bearer = HTTPBearer(auto_error=False, description="the service's API key (settings.api_key), when one is set")
+
+
+def require_key(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    """Bearer API key check; open when no key is configured."""
+    expected = request.app.state.reward.settings.api_key_value()
+    if expected is None:
+        return
+    given = credentials.credentials if credentials else ""
+    if not secrets.compare_digest(given.encode(), expected.encode()):
+        raise HTTPException(401, "missing or wrong bearer API key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _load_models(state: ServiceState) -> None:
+    try:
+        state.scorer = Scorer(state.settings)
+        state.telemetry.ready.set(1)
+    except Exception as exc:  # reported by /ready; the process stays up for /health and /v1/calibrate
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        log.exception("event=models_failed")
+    finally:
+        state.loaded.set()
+
+
+def _run_worker(state: ServiceState) -> None:
+    from services.reward.worker import RewardWorker
+    from shared.local_redis import connect
+
+    state.loaded.wait()
+    if state.scorer is None or state.stop.is_set():
+        return
+    RewardWorker(connect(state.settings.redis_url), state.scorer.score, state.settings, state.telemetry).run(state.stop)
+
+
+def _start(state: ServiceState, target: Any, name: str) -> None:
+    thread = threading.Thread(target=target, args=(state,), name=name, daemon=True)
+    thread.start()
+    state.threads.append(thread)
+
+
+def create_app(settings: RewardSettings | None = None) -> FastAPI:
+    settings = settings or RewardSettings()
+    telemetry = Telemetry()
+    state = ServiceState(settings, telemetry, Admission(settings.max_concurrency, settings.max_queue, telemetry))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        _start(state, _load_models, "reward-models")
+        if settings.worker and settings.redis_url:
+            _start(state, _run_worker, "reward-worker")
+        elif settings.worker:
+            log.info("event=worker_disabled reason=no_redis_url")
+        yield
+        state.stop.set()
+        for thread in state.threads:
+            thread.join(timeout=10)
+
+    app = FastAPI(
+        title="GRACE-KTO reward service",
+        version="0.1.0",
+        description="Scores structured long-text responses (paper 3.3) and calibrates them (eq. 5-9).",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.state.reward = state
+
+    def unavailable(detail: str) -> HTTPException:
+        telemetry.rejected.inc()
+        return HTTPException(503, detail, headers={"Retry-After": str(settings.retry_after_s)})
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        telemetry.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/health", tags=["ops"])
+    def health() -> dict:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["ops"])
+    def ready() -> JSONResponse:
+        """Readiness: 200 once the models are loaded, 503 while loading or if loading failed."""
+        if state.scorer is not None:
+            body = {"status": "ready", "device": str(state.scorer.device), "dtype": str(state.scorer.dtype)}
+            return JSONResponse(body)
+        status = "failed" if state.load_error else "loading"
+        return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
+
+    @app.get("/metrics", tags=["ops"])
+    def metrics() -> Response:
+        """Prometheus metrics."""
+        return Response(generate_latest(telemetry.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/score", response_model=ScoreResponse, tags=["reward"], dependencies=[Depends(require_key)])
+    async def score(body: ScoreRequest) -> ScoreResponse:
+        """Scores every response (metrics of paper 3.3), then calibrates the request's groups as one dataset (eq. 5-9)."""
+        check_score_limits(body, settings)
+        scorer = state.scorer
+        if scorer is None:
+            raise unavailable(f"models not loaded ({'failed' if state.load_error else 'loading'})")
+        groups = [(g.query, g.responses) for g in body.groups]
+        started = time.perf_counter()
+        try:
+            async with state.admission.enter():
+                scored, stats = await asyncio.get_running_loop().run_in_executor(None, scorer.score_with_stats, groups)
+        except Busy:
+            raise unavailable("scoring queue full, retry later") from None
+        seconds = time.perf_counter() - started
+        telemetry.latency.labels("/v1/score").observe(seconds)
+        _count(telemetry, stats, scored)
+        log.info(
+            "event=scored groups=%d responses=%d seconds=%.3f",
+            len(groups), sum(len(m) for m in scored), seconds,
+        )  # fmt: skip
+        return score_response([(g.query, m) for g, m in zip(body.groups, scored)])
+
+    @app.post("/v1/calibrate", response_model=ScoreResponse, tags=["reward"], dependencies=[Depends(require_key)])
+    def calibrate(body: CalibrateRequest) -> ScoreResponse:
+        """Rank-sum, group Z and global weights (eq. 5-9) for metrics computed elsewhere; no model needed."""
+        check_calibrate_body(body, settings)
+        groups = [(None, [r.metrics if r.parsed else None for r in g.responses]) for g in body.groups]
+        return score_response(groups)
+
+    return app
+
+
+def _count(telemetry: Telemetry, stats: ComputeStats, scored: list[list]) -> None:
+    parsed = sum(m is not None for ms in scored for m in ms)
+    telemetry.responses.labels("true").inc(parsed)
+    telemetry.responses.labels("false").inc(sum(len(ms) for ms in scored) - parsed)
+    telemetry.tokens.labels("causal_lm").inc(stats.lm_tokens)
+    telemetry.tokens.labels("encoder").inc(stats.encoder_tokens)
+    telemetry.flops.inc(stats.flops)

@@ -1,0 +1,83 @@
+"""`grace serve reward`, `grace bench reward`, `grace score FILE.jsonl` (heavy imports stay inside)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def serve(
+    host: str = typer.Option(None, help="bind address (default: settings, 127.0.0.1)"),
+    port: int = typer.Option(None, help="port (default: settings, 8002)"),
+    no_worker: bool = typer.Option(False, "--no-worker", help="HTTP API only, no rollouts-stream worker"),
+    worker_only: bool = typer.Option(False, "--worker-only", help="the rollouts-stream worker only, no HTTP"),
+) -> None:
+    """Reward service: scoring API (+ the rollouts-stream worker when Redis is configured)."""
+    from services.reward.config import RewardSettings
+
+    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    if no_worker:
+        overrides["worker"] = False
+    settings = RewardSettings(**overrides)
+    if worker_only:
+        _run_worker_only(settings)
+        return
+    import uvicorn
+
+    from services.reward.app import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+
+
+def _run_worker_only(settings) -> None:
+    import signal
+    import threading
+
+    from services.reward.scorer import Scorer
+    from services.reward.worker import RewardWorker
+    from shared.local_redis import connect
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    client = connect(settings.redis_url)
+    scorer = Scorer(settings)
+    RewardWorker(client, scorer.score, settings).run(stop)
+
+
+def score(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL lines {query, responses}"),
+    url: str = typer.Option(None, help="reward service URL (default: score in-process)"),
+    out: Path = typer.Option(None, help="output JSONL (default: FILE.scored.jsonl)"),
+    api_key: str = typer.Option(None, envvar="GRACE_REWARD_API_KEY", help="bearer key for --url"),
+    batch: int = typer.Option(8, min=1, help="groups per scoring call"),
+) -> None:
+    """Scores {query, responses} lines; the whole file is one dataset for global normalization (eq. 8-9)."""
+    from rich.progress import Progress
+
+    from services.reward.scoring_client import load_groups, score_file
+
+    groups = load_groups(file)
+    out = out or file.with_suffix(".scored.jsonl")
+    with Progress() as progress:
+        task = progress.add_task("scoring", total=sum(len(g.responses) for g in groups))
+        n = score_file(groups, out, url=url, api_key=api_key, batch=batch, advance=lambda k: progress.advance(task, k))
+    typer.echo(f"wrote {n} groups to {out}")
+
+
+def bench(
+    queries: int = typer.Option(4, min=1, help="queries (x responses each) in the workload"),
+    responses: int = typer.Option(8, min=2, help="m: responses per query"),
+    preset: str = typer.Option("small", help="model preset (small: tens of millions of params)"),
+    max_doc_tokens: int = typer.Option(2600, help="longest document, in tokens (> the 2048 window)"),
+    out_dir: Path = typer.Option(None, help="run folder for the table and JSON (default: runs/bench-reward-<time>)"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Service scoring path vs the script a user would write (fp32 padded perplexity + FlagEmbedding compute_score)."""
+    from services.reward.bench import run_bench
+
+    run_bench(queries=queries, responses=responses, preset=preset, max_doc_tokens=max_doc_tokens, out_dir=out_dir, seed=seed)
+
+
+COMMANDS = {"score": score}

@@ -1,0 +1,58 @@
+"""Settings of the reward service (env prefix ``GRACE_REWARD_``, YAML section ``reward:``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from shared.settings import ServiceSettings, service_config
+
+
+class RewardSettings(ServiceSettings):
+    section: ClassVar[str] = "reward"
+    model_config = service_config("GRACE_REWARD_")
+
+    host: str = Field("127.0.0.1", description="HTTP bind address")
+    port: int = Field(8002, description="HTTP port")
+    preset: Literal["tiny", "small"] = Field("tiny", description="local model set used when no model path is set")
+
+    # compute
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="'auto' = bf16 on CUDA and on CPUs with native bf16 matmul, else fp32"
+    )
+    threads: int | None = Field(None, description="torch CPU threads (unset = torch default)")
+    ngram_n: int = Field(
+        2, ge=1, description="n of the token n-grams in E (eq. 2; the paper leaves n open, distinct-2 is the usual choice)"
+    )
+    ppl_window: int | None = Field(None, ge=8, description="perplexity window in tokens (unset = model's native window)")
+    ppl_stride: int | None = Field(None, ge=1, description="sliding-window stride (unset = window // 2)")
+    encoder_max_length: int | None = Field(None, ge=8, description="BGE-M3 input limit (unset = encoder's window)")
+    max_batch_tokens: int = Field(16384, ge=256, description="padded tokens per forward batch")
+    logits_chunk: int = Field(2048, ge=64, description="target tokens per LM-head chunk (bounds logits memory)")
+
+    # HTTP limits (413 for the body, 422 naming the field for the rest)
+    max_groups: int = Field(64, ge=1, description="groups per request")
+    max_responses: int = Field(64, ge=1, description="responses per group")
+    max_response_chars: int = Field(200_000, ge=1, description="characters per response")
+    max_query_chars: int = Field(20_000, ge=1, description="characters per query")
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="request body size")
+    max_concurrency: int = Field(1, ge=1, description="scoring jobs computed at once")
+    max_queue: int = Field(8, ge=0, description="scoring requests allowed to wait; beyond it 503")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After of a 503")
+
+    # stream worker
+    worker: bool = Field(True, description="run the rollouts-stream worker inside `grace serve reward`")
+    consumer_group: str = "reward"
+    consumer_name: str = Field(
+        default_factory=lambda: f"reward-{socket.gethostname()}-{os.getpid()}",
+        description="consumer name in the group; a fixed name lets a restart re-read its own pending entries",
+    )
+    worker_batch: int = Field(8, ge=1, description="stream entries read (and groups scored) per batch")
+    min_idle_ms: int = Field(60_000, ge=1, description="reclaim entries another consumer left pending this long")
+    max_deliveries: int = Field(5, ge=1, description="deliveries before an entry goes to the dead-letter stream")
+    lock_ttl_ms: int = Field(300_000, ge=1000, description="finalization lock lifetime")
+    block_ms: int = Field(1000, ge=1, description="XREADGROUP block time")

@@ -1,0 +1,70 @@
+"""`grace serve rollout`, `grace bench rollout`, `grace rollout-iteration` (heavy imports stay inside)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+log = logging.getLogger("services.rollout")
+
+
+def serve(
+    host: Optional[str] = typer.Option(None, help="gateway bind address (default: settings.host)"),
+    port: Optional[int] = typer.Option(None, help="gateway port (default: settings.port)"),
+) -> None:
+    """vLLM (child process) + the `policy` gateway + the adapter manager, until SIGINT/SIGTERM."""
+    from services.rollout.config import RolloutSettings
+    from services.rollout.service import RolloutService
+
+    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    raise typer.Exit(RolloutService(RolloutSettings(**overrides)).run())
+
+
+def bench(
+    presets: str = typer.Option("tiny,small", help="comma-separated local model presets to measure"),
+    queries: int = typer.Option(8, help="K queries of the workload"),
+    responses: int = typer.Option(4, help="m responses per query"),
+    min_tokens: int = typer.Option(64, help="shortest response (tokens)"),
+    max_tokens: int = typer.Option(256, help="longest response (tokens); lengths vary between the two"),
+    repeats: int = typer.Option(2, help="timed passes per system (best one counts)"),
+    out_dir: Path = typer.Option(Path("runs/bench/rollout"), help="table, plot and JSON go here"),
+) -> None:
+    """Service (gateway + adapter) vs raw vLLM vs transformers generate; hot-swap latency. Last line: JSON."""
+    from services.rollout.bench import BenchConfig, run_bench
+
+    config = BenchConfig(
+        presets=[p.strip() for p in presets.split(",") if p.strip()], queries=queries, responses=responses,
+        min_tokens=min_tokens, max_tokens=max_tokens, repeats=repeats, out_dir=out_dir,
+    )  # fmt: skip
+    run_bench(config)
+
+
+def rollout_iteration(
+    iteration: int = typer.Option(..., help="iteration number"),
+    run_id: Optional[str] = typer.Option(None, help="run id (default: settings.run_id)"),
+    k: Optional[int] = typer.Option(None, help="K queries (default: the run's config, else settings)"),
+    m: Optional[int] = typer.Option(None, help="m responses per query (default: the run's config, else settings)"),
+    offline: Optional[bool] = typer.Option(None, "--offline/--online", help="fixed query set instead of generation"),
+    gateway_url: Optional[str] = typer.Option(None, help="rollout gateway URL (default: settings.gateway_url)"),
+) -> None:
+    """Runs one rollout worker iteration: plan K queries, sample m responses each, publish the groups."""
+    import asyncio
+    import json
+
+    from services.rollout.config import RolloutSettings
+    from services.rollout.worker import run_iteration
+    from shared.local_redis import connect
+
+    for name in ("httpx", "httpx2"):  # one INFO line per request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
+    overrides = {k_: v for k_, v in {"run_id": run_id, "gateway_url": gateway_url}.items() if v is not None}
+    settings = RolloutSettings(**overrides)
+    client = connect(settings.redis_url)
+    result = asyncio.run(run_iteration(settings, client, iteration, k=k, m=m, offline=offline))
+    typer.echo(json.dumps(result.__dict__))
+
+
+COMMANDS = {"rollout-iteration": rollout_iteration}

@@ -1,0 +1,85 @@
+"""Pure parts of the rollout worker: picking examples, accepting generated queries, ids, seeds.
+
+Paper 3.2: five seed queries sampled uniformly per prompt; new queries are
+kept only if they were not seen before in the run (``normalize_query`` key).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal
+
+from shared.parsing import normalize_query
+
+QuerySource = Literal["generated", "seed_fallback", "fixed"]
+
+
+@dataclass(frozen=True)
+class SeedQuery:
+    query: str
+    lang: str = "en"
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class PlannedQuery:
+    """One query of an iteration and where it came from."""
+
+    query: str
+    source: QuerySource = "generated"
+
+
+def sample_examples(seeds: list[SeedQuery], rng: random.Random, count: int = 5) -> list[SeedQuery]:
+    """``count`` distinct seeds, uniformly (with repeats only if the seed set is smaller)."""
+    if not seeds:
+        raise ValueError("the seed query set is empty")
+    if len(seeds) >= count:
+        return rng.sample(seeds, count)
+    return [rng.choice(seeds) for _ in range(count)]
+
+
+def prompt_lang(examples: list[SeedQuery], setting: str = "auto") -> str:
+    """The generation prompt's language: fixed, or the most common among the examples (ties -> zh, the paper's)."""
+    if setting != "auto":
+        return setting
+    counts = Counter(e.lang if e.lang in ("en", "zh") else "en" for e in examples)
+    return "zh" if counts["zh"] >= counts["en"] else "en"
+
+
+def accept_queries(
+    candidates: list[str], seen: set[str], *, limit: int, min_chars: int = 8, max_chars: int = 4000
+) -> list[str]:
+    """New candidates, in order, at most ``limit``; adds their keys to ``seen``."""
+    accepted = []
+    for candidate in candidates:
+        if len(accepted) >= limit:
+            break
+        text = candidate.strip()
+        key = normalize_query(text)
+        if not (min_chars <= len(text) <= max_chars) or key in seen:
+            continue
+        seen.add(key)
+        accepted.append(text)
+    return accepted
+
+
+def fallback_queries(seeds: list[SeedQuery], seen: set[str], needed: int, rng: random.Random) -> list[str]:
+    """Up to ``needed`` seed queries not used before in the run (the paper's offline variant), in random order."""
+    unused = [s.query for s in seeds if normalize_query(s.query) not in seen]
+    rng.shuffle(unused)
+    picked = unused[:needed]
+    seen.update(normalize_query(q) for q in picked)
+    return picked
+
+
+def group_id(run_id: str, iteration: int, index: int) -> str:
+    return f"{run_id}:{iteration}:{index}"
+
+
+def group_seed(base: int | None, iteration: int, index: int) -> int | None:
+    """A distinct, reproducible seed per group (vLLM adds the choice index for each of the n samples)."""
+    if base is None:
+        return None
+    return (base + 1_000_003 * iteration + 1009 * index) % (2**31)

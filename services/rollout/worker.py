@@ -1,0 +1,294 @@
+"""The rollout worker: one iteration = K new queries (3.2) x m sampled responses (3.3) -> Redis.
+
+1. *Plan*: K queries for the iteration, fixed once in Redis (so a restart
+   samples the same ones): generated from 5 uniformly sampled seed queries per
+   prompt, deduplicated against every earlier query of the run; when the
+   bounded number of generation prompts yields fewer than K (a small or random
+   model produces junk), unused seed queries fill the rest, flagged
+   ``query_source="seed_fallback"`` (the paper's offline variant). The offline
+   mode plans a fixed query set instead.
+2. *Sample*: one chat request with ``n = m`` per query (vLLM batches the m
+   samples and shares the prompt's KV cache), ``concurrency`` queries at once.
+3. *Publish*: each ``RolloutGroup`` together with its "published" mark in one
+   Redis transaction; groups already marked are skipped on a restart; then
+   ``IterationComplete(stage="rollout")`` once.
+
+Redis keys (per run): ``grace:rollout:<run>:seen`` (normalized queries),
+``...:plan:<it>`` (JSON), ``...:published:<it>`` (group ids), ``...:complete:<it>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+import redis
+
+from shared.parsing import extract_structured, normalize_query, parse_query_list
+from shared.prompts import chat_messages, query_generation_prompt
+from shared.runs import load_run_config
+from shared.schemas import STREAM_ROLLOUTS, IterationComplete, RolloutGroup, encode_message
+from shared.streams import IterationManifest
+
+from services.rollout.config import RolloutSettings
+from services.rollout.queries import (
+    PlannedQuery,
+    SeedQuery,
+    accept_queries,
+    fallback_queries,
+    group_id,
+    group_seed,
+    prompt_lang,
+    sample_examples,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IterationResult:
+    run_id: str
+    iteration: int
+    planned: int
+    published: int
+    skipped: int
+    generated: int
+    fallback: int
+    adapter_versions: list[str] = field(default_factory=list)
+    completion_tokens: int = 0
+    parsed_fraction: float = 0.0
+    seconds: float = 0.0
+
+
+def load_queries(path: str | Path) -> list[SeedQuery]:
+    """A JSONL query file ({"query", "lang", "id", ...} per line)."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            out.append(SeedQuery(query=row["query"], lang=row.get("lang", "en"), id=row.get("id")))
+    return out
+
+
+class RolloutWorker:
+    def __init__(self, settings: RolloutSettings, client: redis.Redis):
+        self.settings = settings
+        self.redis = client
+        self.run_id = settings.run_id
+        key = settings.api_key_value() or "none"
+        base_url = (settings.gateway_url or f"http://127.0.0.1:{settings.port}").rstrip("/")
+        self.gateway_url = base_url[:-3] if base_url.endswith("/v1") else base_url
+        timeout = settings.request_timeout_s
+        self.sampler = openai.AsyncOpenAI(base_url=self.gateway_url + "/v1", api_key=key, timeout=timeout, max_retries=3)
+        self.generator = openai.AsyncOpenAI(
+            base_url=(settings.generator_base_url or self.gateway_url + "/v1"),
+            api_key=settings.generator_api_key or key,
+            timeout=timeout,
+            max_retries=3,
+        )
+        self.generator_model = settings.generator_model or settings.policy_name
+        self._api_key = key
+
+    def _key(self, name: str, iteration: int | None = None) -> str:
+        suffix = "" if iteration is None else f":{iteration}"
+        return f"grace:rollout:{self.run_id}:{name}{suffix}"
+
+    # ---------------------------------------------------------------- 1. plan
+
+    async def plan(self, iteration: int, k: int, offline: bool) -> list[PlannedQuery]:
+        """The iteration's queries, created once and then read back from Redis."""
+        stored = self.redis.get(self._key("plan", iteration))
+        if stored is not None:
+            return [PlannedQuery(**row) for row in json.loads(stored)]
+        if offline:
+            planned = [PlannedQuery(q.query, "fixed") for q in load_queries(self.settings.offline_queries)]
+        else:
+            planned = await self._generate_plan(iteration, k)
+        rows = json.dumps([{"query": p.query, "source": p.source} for p in planned], ensure_ascii=False)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self._key("plan", iteration), rows, nx=True)
+        if planned and not offline:
+            pipe.sadd(self._key("seen"), *[normalize_query(p.query) for p in planned])
+        created, *_ = pipe.execute()
+        if not created:  # another worker fixed the plan first: use theirs
+            return await self.plan(iteration, k, offline)
+        return planned
+
+    async def _generate_plan(self, iteration: int, k: int) -> list[PlannedQuery]:
+        settings = self.settings
+        seeds = load_queries(settings.seed_queries)
+        rng = random.Random(f"{self.run_id}:{iteration}:{settings.seed}")
+        seen = {m.decode() if isinstance(m, bytes) else m for m in self.redis.smembers(self._key("seen"))}
+        blocked = seen | {normalize_query(s.query) for s in seeds}  # generated queries must be new, not seeds
+        generated: list[str] = []
+        attempts_left = settings.generation_attempts or 3 * k
+        attempts = 0
+        while len(generated) < k and attempts_left > 0:
+            wave = min(settings.concurrency, attempts_left, k - len(generated))
+            attempts_left -= wave
+            attempts += wave
+            prompts = [sample_examples(seeds, rng, settings.examples_per_prompt) for _ in range(wave)]
+            answers = await asyncio.gather(*(self._ask_generator(examples) for examples in prompts))
+            for answer in answers:
+                new = accept_queries(
+                    parse_query_list(answer), blocked, limit=k - len(generated),
+                    min_chars=settings.min_query_chars, max_chars=settings.max_query_chars,
+                )  # fmt: skip
+                generated.extend(new)
+        planned = [PlannedQuery(q, "generated") for q in generated]
+        if len(planned) < k:
+            log.warning(
+                "event=query_generation_short run=%s iteration=%d wanted=%d generated=%d attempts=%d fallback=%s",
+                self.run_id, iteration, k, len(planned), attempts, settings.seed_fallback,
+            )  # fmt: skip
+            if settings.seed_fallback:
+                seen.update(normalize_query(q) for q in generated)
+                extra = fallback_queries(seeds, seen, k - len(planned), rng)
+                planned += [PlannedQuery(q, "seed_fallback") for q in extra]
+        log.info(
+            "event=queries_planned run=%s iteration=%d generated=%d fallback=%d attempts=%d",
+            self.run_id, iteration, len(generated), len(planned) - len(generated), attempts,
+        )  # fmt: skip
+        return planned
+
+    async def _ask_generator(self, examples: list[SeedQuery]) -> str:
+        settings = self.settings
+        prompt = query_generation_prompt([e.query for e in examples], prompt_lang(examples, settings.query_lang))
+        extra = {}
+        if settings.generation_json_list:  # a JSON list of strings is also the Python list the prompt asks for
+            schema = {
+                "type": "array", "minItems": 1, "maxItems": 16,
+                "items": {"type": "string", "minLength": settings.min_query_chars, "maxLength": settings.max_query_chars},
+            }  # fmt: skip
+            extra["structured_outputs"] = {"json": schema}
+        try:
+            reply = await self.generator.chat.completions.create(
+                model=self.generator_model,
+                messages=[{"role": "user", "content": prompt}],
+                temperature=settings.generation_temperature,
+                top_p=settings.top_p,
+                max_tokens=settings.generation_max_tokens,
+                extra_body=extra or None,
+            )
+        except openai.APIError as exc:
+            log.warning("event=query_generation_failed error=%s", type(exc).__name__)
+            return ""
+        return reply.choices[0].message.content or ""
+
+    # ---------------------------------------------------------------- 2. sample
+
+    async def sample(self, query: str, m: int, seed: int | None) -> tuple[list[str], str | None, int]:
+        """m responses to one query in one request; (responses, adapter version, completion tokens)."""
+        settings = self.settings
+        raw = await self.sampler.chat.completions.with_raw_response.create(
+            model=settings.policy_name,
+            messages=chat_messages(query),
+            n=m,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            max_tokens=settings.max_tokens,
+            seed=seed,
+        )
+        completion = raw.parse()
+        choices = sorted(completion.choices, key=lambda c: c.index)
+        tokens = completion.usage.completion_tokens if completion.usage else 0
+        return [c.message.content or "" for c in choices], raw.headers.get("x-grace-adapter-version"), tokens
+
+    async def current_version(self) -> str:
+        """The gateway's current adapter version (``base`` before the first swap, or if not a gateway)."""
+        try:
+            async with httpx.AsyncClient(timeout=10.0) as client:
+                reply = await client.get(
+                    self.gateway_url + "/admin/adapters", headers={"authorization": f"Bearer {self._api_key}"}
+                )
+            if reply.status_code == 200:
+                return reply.json()["current"]["version"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        return "base"
+
+    # ---------------------------------------------------------------- 3. publish
+
+    async def run_iteration(
+        self, iteration: int, *, k: int | None = None, m: int | None = None, offline: bool | None = None
+    ) -> IterationResult:
+        started = time.perf_counter()
+        run_config = load_run_config(self.redis, self.run_id)
+        k = k or (run_config.queries_per_iteration if run_config else self.settings.queries_per_iteration)
+        m = m or (run_config.responses_per_query if run_config else self.settings.responses_per_query)
+        offline = offline if offline is not None else (run_config.offline if run_config else False)
+        version = await self.current_version()
+        log.info("event=rollout_iteration_start run=%s iteration=%d k=%d m=%d offline=%s adapter=%s",
+                 self.run_id, iteration, k, m, offline, version)  # fmt: skip
+
+        planned = await self.plan(iteration, k, offline)
+        IterationManifest(self.redis, self.run_id).set_expected("rollout", iteration, len(planned))
+        published_key = self._key("published", iteration)
+        done = {g.decode() if isinstance(g, bytes) else g for g in self.redis.smembers(published_key)}
+        todo = [(i, p) for i, p in enumerate(planned) if group_id(self.run_id, iteration, i) not in done]
+        result = IterationResult(
+            run_id=self.run_id, iteration=iteration, planned=len(planned), published=0, skipped=len(planned) - len(todo),
+            generated=sum(p.source == "generated" for p in planned), fallback=sum(p.source == "seed_fallback" for p in planned),
+        )  # fmt: skip
+        gate = asyncio.Semaphore(self.settings.concurrency)
+        parsed = total = 0
+
+        async def one(index: int, item: PlannedQuery) -> None:
+            nonlocal parsed, total
+            async with gate:
+                responses, served, tokens = await self.sample(item.query, m, group_seed(self.settings.seed, iteration, index))
+            gid = group_id(self.run_id, iteration, index)
+            group = RolloutGroup(
+                run_id=self.run_id, iteration=iteration, group_id=gid, group_index=index, query=item.query,
+                responses=responses, adapter_version=served or version, query_source=item.source,
+            )  # fmt: skip
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.xadd(STREAM_ROLLOUTS, encode_message(group))
+            pipe.sadd(published_key, gid)
+            pipe.execute()
+            result.published += 1
+            result.completion_tokens += tokens
+            parsed += sum(extract_structured(r) is not None for r in responses)
+            total += len(responses)
+            if group.adapter_version not in result.adapter_versions:
+                result.adapter_versions.append(group.adapter_version)
+            log.info("event=group_published group=%s responses=%d tokens=%d adapter=%s source=%s",
+                     gid, len(responses), tokens, group.adapter_version, item.source)  # fmt: skip
+
+        await asyncio.gather(*(one(i, p) for i, p in todo))
+        self._complete(iteration, len(planned))
+        result.parsed_fraction = parsed / total if total else 0.0
+        result.seconds = time.perf_counter() - started
+        log.info("event=rollout_iteration_done run=%s iteration=%d published=%d skipped=%d tokens=%d parsed=%.2f s=%.1f",
+                 self.run_id, iteration, result.published, result.skipped, result.completion_tokens,
+                 result.parsed_fraction, result.seconds)  # fmt: skip
+        return result
+
+    def _complete(self, iteration: int, count: int) -> None:
+        """Publishes IterationComplete once per iteration (the flag and the entry in one transaction)."""
+        flag = self._key("complete", iteration)
+        if self.redis.exists(flag):
+            return
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(STREAM_ROLLOUTS, encode_message(IterationComplete(run_id=self.run_id, iteration=iteration, stage="rollout", count=count)))
+        pipe.set(flag, "1")
+        pipe.execute()
+
+    async def aclose(self) -> None:
+        await self.sampler.close()
+        await self.generator.close()
+
+
+async def run_iteration(settings: RolloutSettings, client: redis.Redis, iteration: int, **kwargs) -> IterationResult:
+    worker = RolloutWorker(settings, client)
+    try:
+        return await worker.run_iteration(iteration, **kwargs)
+    finally:
+        await worker.aclose()

@@ -1,0 +1,84 @@
+"""`grace stack up`, `grace run`, `grace demo` (heavy imports stay inside the functions)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+stack_app = typer.Typer(help="The local stack: Redis + rollout, reward, trainer, judge.", no_args_is_help=True)
+
+
+@stack_app.command("up")
+def up(
+    stack_dir: Path = typer.Option(Path("runs/stack"), help="settings, logs, Redis data and stack.json go here"),
+    services: str = typer.Option("rollout,reward,trainer,judge", help="comma-separated services to start"),
+    policy_model: Optional[str] = typer.Option(None, help="policy model folder (default: settings / tiny set)"),
+    adapter_root: Optional[Path] = typer.Option(None, help="adapter store (default: <stack-dir>/adapters)"),
+    run_root: Optional[Path] = typer.Option(None, help="run folders (default: runs)"),
+) -> None:
+    """Start the stack, print its URLs, restart services that die; Ctrl-C stops everything."""
+    import logging
+
+    from services.stack.stack import LocalStack, StackConfig
+
+    common = {"adapter_root": str((adapter_root or stack_dir / "adapters").resolve()),
+              "run_root": str((run_root or Path("runs")).resolve())}  # fmt: skip
+    if policy_model:
+        common["policy_model"] = policy_model
+    names = tuple(s.strip() for s in services.split(",") if s.strip())
+    stack = LocalStack(StackConfig(stack_dir=stack_dir, services=names, common=common))
+    try:
+        info = stack.up()
+        for name, url in info.urls.items():
+            typer.echo(f"{name:8s} {url}")
+        typer.echo(f"redis    {info.redis_url}\nlogs     {stack.dir / 'logs'}\nstack up; Ctrl-C to stop")
+        stack.supervise()
+    except Exception as exc:
+        logging.getLogger(__name__).error("event=stack_failed error=%s", exc)
+        raise typer.Exit(1)
+    finally:
+        stack.down()
+
+
+def run(
+    run_id: str = typer.Option(..., help="run id; the same id continues an interrupted run"),
+    iterations: int = typer.Option(3, help="semi-online iterations"),
+    queries: int = typer.Option(8, "--queries", "-k", help="K new queries per iteration (paper: 250 or 500)"),
+    responses: int = typer.Option(8, "--responses", "-m", help="m responses per query (paper: 8)"),
+    loss: str = typer.Option("grace_kto", help="grace_kto, or a baseline: kto, dpo, orpo, sft"),
+    offline: bool = typer.Option(False, "--offline", help="the paper's offline variant: a fixed query set"),
+    stack_dir: Path = typer.Option(Path("runs/stack"), help="folder of the running stack (its stack.json)"),
+    run_root: Path = typer.Option(Path("runs"), help="the run folder is <run-root>/<run-id>"),
+    eval_limit: int = typer.Option(8, help="held-out requests evaluated per iteration"),
+    judge: bool = typer.Option(False, help="also judge the held-out responses with the judge service"),
+) -> None:
+    """A semi-online GRACE-KTO run on a running stack; writes runs/<id>/report.md."""
+    from services.stack.loop import RunOptions, SemiOnlineRun
+    from services.stack.stack import StackInfo
+    from shared.runs import RunConfig
+
+    info = StackInfo.load(stack_dir / "stack.json")
+    config = RunConfig(run_id=run_id, iterations=iterations, queries_per_iteration=queries,
+                       responses_per_query=responses, loss=loss, offline=offline)  # fmt: skip
+    SemiOnlineRun(RunOptions(config=config, run_dir=run_root / run_id, eval_limit=eval_limit, judge=judge), info).run()
+
+
+def demo(
+    work_dir: Path = typer.Option(Path("runs/demo"), help="models, SFT policy, stack and runs go here"),
+    run_id: Optional[str] = typer.Option(None, help="continue this run id (default: a new one)"),
+    iterations: int = typer.Option(3),
+    queries: int = typer.Option(4, "--queries", "-k"),
+    responses: int = typer.Option(4, "--responses", "-m"),
+    loss: str = typer.Option("grace_kto"),
+) -> None:
+    """The whole loop on the tiny local models: SFT, stack, 3 iterations, report."""
+    from services.stack.demo import DemoOptions, run_demo
+
+    run_demo(DemoOptions(work_dir=work_dir, run_id=run_id, iterations=iterations, queries=queries,
+                         responses=responses, loss=loss))  # fmt: skip
+
+
+COMMANDS = {"run": run, "demo": demo}
+GROUPS = {"stack": stack_app}

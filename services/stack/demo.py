@@ -1,0 +1,96 @@
+"""`grace demo`: the whole GRACE-KTO loop on the embedded default.
+
+Tiny local models -> SFT until the tiny policy emits the tag format ->
+local stack (private Redis, vLLM CPU build, reward, trainer, judge) ->
+a short semi-online run -> the iteration table and the report path -> down.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from services.stack.loop import RunOptions, SemiOnlineRun
+from services.stack.stack import LocalStack, StackConfig
+from shared.runs import RunConfig
+
+
+@dataclass
+class DemoOptions:
+    work_dir: Path = Path("runs/demo")
+    run_id: str | None = None
+    iterations: int = 3
+    queries: int = 4
+    responses: int = 4
+    loss: str = "grace_kto"
+    eval_limit: int = 6
+    eval_max_tokens: int = 384
+
+
+def sft_policy(work_dir: Path, console: Console) -> Path:
+    """The SFT starting policy, built once per work folder (the marker is written last)."""
+    from services.trainer.sft import SftOptions, run_sft
+
+    out = work_dir / "policy-sft"
+    marker = out / ".grace-sft-done"
+    if marker.exists():
+        console.print(f"SFT policy: reusing {out}")
+        return out
+    with console.status("SFT: teaching the tiny policy the <summary>/<outline>/<answer> format"):
+        result = run_sft(SftOptions(out=out))
+    marker.write_text(str(result.get("final_loss")))
+    console.print(f"SFT policy: {out} ({result['steps']} steps, final loss {result['final_loss']:.3f})")
+    return out
+
+
+def run_demo(options: DemoOptions, console: Console | None = None) -> Path:
+    from shared.tiny_models import ensure_model_set
+
+    console = console or Console()
+    started = time.perf_counter()
+    work_dir = options.work_dir.resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    console.rule("1/4 tiny local models")
+    models = ensure_model_set("tiny")
+    console.print(f"models: {models.root}")
+    console.rule("2/4 SFT stage")
+    policy = sft_policy(work_dir, console)
+    console.rule("3/4 local stack")
+    run_root = work_dir / "runs"
+    stack = LocalStack(
+        StackConfig(
+            stack_dir=work_dir / "stack",
+            common={
+                "policy_model": str(policy),
+                "general_model": str(models.general),
+                "domain_model": str(models.domain),
+                "embedding_model": str(models.embedding),
+                "adapter_root": str(work_dir / "adapters"),
+                "run_root": str(run_root),
+            },
+        )
+    )
+    with console.status("starting Redis, rollout (vLLM), reward, trainer, judge"):
+        info = stack.up()
+    try:
+        console.print("stack up: " + ", ".join(f"{k} {v}" for k, v in info.urls.items()) + f", redis {info.redis_url}")
+        console.rule("4/4 semi-online run")
+        run_id = options.run_id or time.strftime("demo-%Y%m%d-%H%M%S")
+        config = RunConfig(
+            run_id=run_id, iterations=options.iterations, queries_per_iteration=options.queries,
+            responses_per_query=options.responses, loss=options.loss,
+        )  # fmt: skip
+        run = SemiOnlineRun(
+            RunOptions(config=config, run_dir=run_root / run_id, eval_limit=options.eval_limit,
+                       eval_max_tokens=options.eval_max_tokens),
+            info, console,
+        )  # fmt: skip
+        report = run.run()
+    finally:
+        with console.status("stopping the stack"):
+            stack.down()
+    console.print(f"demo finished in {time.perf_counter() - started:.0f}s; report: {report}")
+    return report

@@ -1,0 +1,81 @@
+"""Waiting on the streams for a stage of a run to finish (read-only: no consumer group)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import redis
+
+from shared.schemas import STREAM_ADAPTERS, STREAM_SAMPLES, AdapterStatus, IterationComplete, StreamPayload, decode_message
+
+
+class StageTimeout(TimeoutError):
+    pass
+
+
+def find_payload(
+    client: redis.Redis, stream: str, match: Callable[[StreamPayload], bool], start: str = "0-0"
+) -> tuple[StreamPayload | None, str]:
+    """First payload on ``stream`` after ``start`` for which ``match`` is true, and the last id read."""
+    last = start
+    while True:
+        rows = client.xrange(stream, min=f"({last}" if last != "0-0" else "-", count=500)
+        if not rows:
+            return None, last
+        for entry_id, fields in rows:
+            last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            try:
+                payload = decode_message(fields)
+            except ValueError:
+                continue
+            if match(payload):
+                return payload, last
+
+
+def wait_for(
+    client: redis.Redis,
+    stream: str,
+    match: Callable[[StreamPayload], bool],
+    *,
+    timeout: float,
+    what: str,
+    on_tick: Callable[[], None] | None = None,
+) -> StreamPayload:
+    deadline = time.monotonic() + timeout
+    last = "0-0"
+    while True:
+        payload, last = find_payload(client, stream, match, last)
+        if payload is not None:
+            return payload
+        if time.monotonic() > deadline:
+            raise StageTimeout(f"timed out after {timeout:.0f}s waiting for {what}")
+        if on_tick:
+            on_tick()
+        client.xread({stream: last}, block=1000, count=1)
+
+
+def wait_for_samples(client: redis.Redis, run_id: str, iteration: int, timeout: float, **kw) -> IterationComplete:
+    return wait_for(
+        client,
+        STREAM_SAMPLES,
+        lambda p: isinstance(p, IterationComplete) and p.stage == "reward" and p.run_id == run_id and p.iteration == iteration,
+        timeout=timeout,
+        what=f"weighted samples of {run_id} iteration {iteration}",
+        **kw,
+    )
+
+
+def wait_for_adapter(client: redis.Redis, run_id: str, version: str, timeout: float, **kw) -> AdapterStatus:
+    """The first status any rollout replica published for ``version``; raises if it was rejected."""
+    status = wait_for(
+        client,
+        STREAM_ADAPTERS,
+        lambda p: isinstance(p, AdapterStatus) and p.run_id == run_id and p.version == version,
+        timeout=timeout,
+        what=f"adapter {version} of {run_id} to be loaded by the rollout service",
+        **kw,
+    )
+    if status.status != "loaded":
+        raise RuntimeError(f"rollout replica {status.replica} rejected adapter {version}: {status.reason}")
+    return status

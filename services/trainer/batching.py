@@ -1,0 +1,64 @@
+"""Pure planning of an epoch: batch order, padding-free micro-batches, LR schedule.
+
+The optimizer batch is drawn at random, as any trainer does; only its
+*execution* is reordered: sequences of one batch are sorted by length and cut
+into micro-batches whose padded size stays within a token budget, and the
+gradients of the micro-batches are summed. The loss is a batch mean of
+per-sequence terms (z_ref being computed first and detached), so the step is
+the same as one padded forward of the whole batch, minus the padding.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+
+def plan_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
+    """A seeded random permutation of range(n) cut into batches (the last may be short)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def mismatched_partners(batch: list[int]) -> list[int]:
+    """For KTO's KL estimate: sample k of a batch is paired with the response of sample k-1 (rotation by one, as TRL)."""
+    return [batch[-1]] + batch[:-1]
+
+
+def micro_batches(lengths: list[int], max_tokens: int, max_waste: float = 0.1) -> list[list[int]]:
+    """Positions 0..len-1 grouped into micro-batches, longest first.
+
+    A micro-batch pads its members to its first (longest) length; a member
+    joins only while ``count * longest <= max_tokens`` and the padding stays
+    within ``max_waste`` of the real tokens. A sequence longer than the budget
+    runs alone.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for index in order:
+        if current:
+            longest = lengths[current[0]]
+            padded = (len(current) + 1) * longest
+            waste = padded - (real + lengths[index])
+            if padded <= max_tokens and waste <= max_waste * (real + lengths[index]):
+                current.append(index)
+                real += lengths[index]
+                continue
+            groups.append(current)
+        current, real = [index], lengths[index]
+    if current:
+        groups.append(current)
+    return groups
+
+
+def cosine_lr(step: int, total_steps: int, peak: float, floor: float, warmup_ratio: float) -> float:
+    """Learning rate at ``step`` (0-based): linear warm-up to ``peak``, then cosine to ``floor`` (paper 4.1)."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    decay_steps = max(total_steps - warmup - 1, 1)
+    progress = min((step - warmup) / decay_steps, 1.0)
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,71 @@
+"""`grace serve trainer`, `grace bench trainer`, `grace sft` (heavy imports stay inside the functions)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def serve(
+    host: str = typer.Option(None, help="unused: the trainer has no HTTP API (accepted for a uniform `grace serve`)"),
+    port: int = typer.Option(None, help="unused: the trainer has no HTTP API"),
+) -> None:
+    """Trainer worker: weighted samples from Redis -> one epoch per iteration -> LoRA adapters + events."""
+    import logging
+
+    from services.trainer.config import TrainerSettings
+    from services.trainer.train import init_distributed
+    from services.trainer.worker import TrainerWorker
+    from shared.local_redis import connect
+
+    settings = TrainerSettings()
+    if settings.num_threads:
+        import torch
+
+        torch.set_num_threads(settings.num_threads)
+    init_distributed(settings)
+    if host or port:
+        logging.getLogger(__name__).info("event=trainer_no_http host=%s port=%s", host, port)
+    TrainerWorker(settings, connect(settings.redis_url)).run()
+
+
+def bench(
+    preset: str = typer.Option("small", help="local model preset: small (tens of M params) or tiny"),
+    samples: int = typer.Option(48, help="weighted samples in the epoch (groups of 8)"),
+    batch_size: int = typer.Option(8, help="samples per optimizer step (paper: 8)"),
+    min_tokens: int = typer.Option(64, help="shortest response, in tokens"),
+    max_tokens: int = typer.Option(640, help="longest response, in tokens"),
+    precision: str = typer.Option("fp32", help="fp32 or bf16 (the same for every method)"),
+    lora_rank: int = typer.Option(64, help="LoRA rank (paper: 64)"),
+    threads: int = typer.Option(0, help="torch threads per method (0 = torch default)"),
+    out: Path = typer.Option(None, help="folder for bench.json and the table (default: <run_root>/bench-trainer)"),
+) -> None:
+    """One GRACE-KTO epoch vs TRL's KTOTrainer (speed, peak memory) and vs DPO (peak memory), same run."""
+    from services.trainer.bench import BenchOptions, run_bench
+
+    run_bench(BenchOptions(preset=preset, samples=samples, batch_size=batch_size, min_tokens=min_tokens,
+                           max_tokens=max_tokens, precision=precision, lora_rank=lora_rank, threads=threads, out=out))  # fmt: skip
+
+
+def sft(
+    data: Path = typer.Option(Path("data/sft.jsonl"), help="jsonl with 'query' and a tagged 'response'"),
+    out: Path = typer.Option(..., help="folder of the starting policy (merged model + tokenizer, safetensors)"),
+    base: str = typer.Option(None, help="base model folder (default: GRACE_TRAINER_POLICY_MODEL or the tiny policy)"),
+    mode: str = typer.Option("full", help="full (all parameters, the paper's SFT) or lora (merged after training)"),
+    epochs: int = typer.Option(None, help="passes over the data (default: per mode, see services/trainer/sft.py)"),
+    lr: float = typer.Option(None, help="peak learning rate (default: per mode)"),
+    max_steps: int = typer.Option(None, help="stop after this many optimizer steps"),
+    batch_size: int = typer.Option(8, help="examples per step"),
+    max_length: int = typer.Option(2048, help="longest example in tokens (longer responses are cut)"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Supervised fine-tuning under the 3.1 system prompt (loss on response tokens): the starting policy."""
+    from services.trainer.sft import SftOptions, run_sft
+
+    result = run_sft(SftOptions(data=data, out=out, base=base, mode=mode, epochs=epochs, lr=lr, max_steps=max_steps,
+                                batch_size=batch_size, max_length=max_length, seed=seed))  # fmt: skip
+    typer.echo(f"policy {result['out']} steps={result['steps']} final_loss={result['final_loss']:.4f}")
+
+
+COMMANDS = {"sft": sft}

@@ -1,0 +1,181 @@
+"""Alignment losses as small pure functions of sequence log-probabilities.
+
+Every input is a 1-D tensor with one entry per sequence: the log-probability
+of the response given the prompt, summed over the response tokens. Nothing
+here touches a model, so the math is testable alone (and against TRL).
+
+GRACE-KTO (paper 3.5, eq. 10-12)::
+
+    L = E[ |W| * lambda(W) * (1 - sigmoid(beta * y(W) * (log pi/pi_ref - z_ref))) ]
+
+with y(W) = +1 for W >= 0 else -1, lambda(W) = lambda+ for W >= 0 else
+lambda-, and z_ref the detached, clamped KL estimate from mismatched pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------- GRACE-KTO
+
+
+def grace_kto_losses(
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    weights: torch.Tensor,
+    z_ref: torch.Tensor,
+    beta: float,
+    lambda_desirable: float,
+    lambda_undesirable: float,
+) -> torch.Tensor:
+    """Per-sequence GRACE-KTO terms (eq. 11), before the batch mean."""
+    weights = weights.to(policy_logps.dtype)
+    desirable = weights >= 0  # eq. 10: W = 0 counts as desirable (and then weighs nothing)
+    sign = torch.where(desirable, 1.0, -1.0).to(policy_logps.dtype)
+    lam = torch.where(desirable, lambda_desirable, lambda_undesirable).to(policy_logps.dtype)
+    delta_r = (policy_logps - reference_logps) - z_ref  # eq. 12
+    return weights.abs() * lam * (1.0 - torch.sigmoid(beta * sign * delta_r))
+
+
+def grace_kto_loss(
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    weights: torch.Tensor,
+    z_ref: torch.Tensor,
+    beta: float,
+    lambda_desirable: float,
+    lambda_undesirable: float,
+) -> torch.Tensor:
+    """The batch mean of eq. 11: |W| * lambda(W) * (1 - sigmoid(beta * y(W) * ((pi - pi_ref) - z_ref)))."""
+    terms = grace_kto_losses(
+        policy_logps, reference_logps, weights, z_ref, beta, lambda_desirable, lambda_undesirable
+    )
+    return terms.mean()
+
+
+def kl_reference_point(policy_kl_logps: torch.Tensor, reference_kl_logps: torch.Tensor) -> torch.Tensor:
+    """z_ref (eq. 12) as KTO estimates it: mean log-ratio of mismatched (x, y') pairs.
+
+    Detached (no gradient flows through the reference point), averaged over
+    all processes when torch.distributed is initialized, then clamped at 0.
+    """
+    kl = (policy_kl_logps - reference_kl_logps).detach().mean()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(kl, op=dist.ReduceOp.SUM)
+        kl = kl / dist.get_world_size()
+    return kl.clamp(min=0)
+
+
+def class_weights(
+    num_desirable: int,
+    num_undesirable: int,
+    mode: str = "balanced",
+    fixed: tuple[float, float] = (1.0, 1.0),
+) -> tuple[float, float]:
+    """(lambda+, lambda-) for the iteration.
+
+    ``balanced``: lambda+ |Omega+| = lambda- |Omega-| (paper 3.5), the larger
+    class keeps weight 1 and the smaller one is scaled up (KTO's convention);
+    ``fixed``: the given pair. An empty class leaves both at their fixed value.
+    """
+    if mode == "fixed" or num_desirable == 0 or num_undesirable == 0:
+        return float(fixed[0]), float(fixed[1])
+    if mode != "balanced":
+        raise ValueError(f"unknown lambda mode {mode!r}; choose balanced or fixed")
+    if num_desirable >= num_undesirable:
+        return 1.0, num_desirable / num_undesirable
+    return num_undesirable / num_desirable, 1.0
+
+
+def reward_stats(
+    policy_logps: torch.Tensor, reference_logps: torch.Tensor, weights: torch.Tensor, beta: float
+) -> dict[str, float]:
+    """Implicit rewards beta * log(pi/pi_ref) of desirable and undesirable samples, and their margin."""
+    rewards = beta * (policy_logps - reference_logps).detach().float()
+    desirable = weights >= 0
+    out: dict[str, float] = {}
+    if desirable.any():
+        out["rewards_chosen"] = float(rewards[desirable].mean())
+    if (~desirable).any():
+        out["rewards_rejected"] = float(rewards[~desirable].mean())
+    if "rewards_chosen" in out and "rewards_rejected" in out:
+        out["reward_margin"] = out["rewards_chosen"] - out["rewards_rejected"]
+    return out
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    z_ref: torch.Tensor,
+    beta: float,
+    lambda_desirable: float = 1.0,
+    lambda_undesirable: float = 1.0,
+) -> torch.Tensor:
+    """Binary KTO (Ethayarajh et al. 2024, eq. 7-8): GRACE-KTO with |W| = 1 (sign only)."""
+    weights = torch.where(desirable.bool(), 1.0, -1.0).to(policy_logps.device)
+    return grace_kto_loss(policy_logps, reference_logps, weights, z_ref, beta, lambda_desirable, lambda_undesirable)
+
+
+def sft_loss(logps: torch.Tensor, token_counts: torch.Tensor) -> torch.Tensor:
+    """Token-mean negative log-likelihood of the given sequences (0 for none)."""
+    tokens = token_counts.sum()
+    if logps.numel() == 0 or tokens <= 0:
+        return logps.sum() * 0.0
+    return -logps.sum() / tokens
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023): -log sigmoid(beta * (chosen log-ratio - rejected log-ratio)), batch mean."""
+    logits = (chosen_logps - reference_chosen_logps) - (rejected_logps - reference_rejected_logps)
+    return -F.logsigmoid(beta * logits).mean()
+
+
+def orpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+    alpha: float,
+) -> torch.Tensor:
+    """ORPO (Hong et al. 2024): NLL(chosen) - alpha * log sigmoid(log odds ratio), batch mean.
+
+    Odds use the length-normalized (per-token mean) log-probabilities, as in the paper.
+    """
+    chosen_mean = chosen_logps / chosen_tokens.clamp(min=1)
+    rejected_mean = rejected_logps / rejected_tokens.clamp(min=1)
+    # log odds(p) = log p - log(1 - p), computed stably from log p < 0
+    log_odds = (chosen_mean - rejected_mean) - (
+        torch.log1p(-torch.exp(chosen_mean).clamp(max=1 - 1e-6)) - torch.log1p(-torch.exp(rejected_mean).clamp(max=1 - 1e-6))
+    )
+    nll = -chosen_mean
+    return (nll - alpha * F.logsigmoid(log_odds)).mean()
+
+
+def best_worst_pairs(group_ids: list[str], weights: list[float]) -> list[tuple[int, int]]:
+    """(best, worst) sample indices per group by W, for the pairwise baselines.
+
+    Groups whose best and worst weights are equal (or with one sample) give no pair.
+    Pairs come in order of each group's first appearance.
+    """
+    groups: dict[str, list[int]] = {}
+    for index, group in enumerate(group_ids):
+        groups.setdefault(group, []).append(index)
+    pairs = []
+    for members in groups.values():
+        best = max(members, key=lambda i: (weights[i], -i))
+        worst = min(members, key=lambda i: (weights[i], i))
+        if weights[best] > weights[worst]:
+            pairs.append((best, worst))
+    return pairs

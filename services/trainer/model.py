@@ -1,0 +1,315 @@
+"""The policy: base model + LoRA (peft), and its response log-probabilities.
+
+One model copy serves as both the policy and the reference: the reference is
+the same model with the adapter disabled (peft ``disable_adapter()``), so
+LoRA/QLoRA training never holds a second model (paper 4.1, the memory reason
+the paper picks a single-sample loss).
+
+On CUDA: 4-bit nf4 QLoRA (bitsandbytes), FlashAttention-2 when installed,
+gradient checkpointing, bf16. On CPU: plain torch, fp32 by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from services.trainer.config import TrainerSettings
+
+log = logging.getLogger(__name__)
+
+# Each LM-head tile holds about this many logits (64 MiB in fp32).
+LOGITS_PER_TILE = 1 << 24
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the model runs, resolved once from the settings and the machine."""
+
+    device: torch.device
+    dtype: torch.dtype  # weights (non-quantized) and autocast compute dtype
+    autocast: bool  # bf16 autocast over fp32 weights (CPU only)
+    quantize: bool  # 4-bit nf4 QLoRA
+    attn_implementation: str
+    gradient_checkpointing: bool
+
+    def autocast_context(self):
+        if self.autocast:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+
+def resolve_runtime(settings: TrainerSettings) -> Runtime:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    precision = settings.precision if settings.precision != "auto" else ("bf16" if cuda else "fp32")
+    if settings.quantization == "nf4" and not cuda:
+        raise ValueError("quantization=nf4 needs CUDA (bitsandbytes 4-bit kernels)")
+    quantize = cuda and settings.quantization in ("auto", "nf4") and importlib.util.find_spec("bitsandbytes") is not None
+    if settings.quantization == "nf4" and not quantize:
+        raise ValueError("quantization=nf4 needs bitsandbytes (pip install -e '.[gpu]')")
+    attn = settings.attn_implementation
+    if attn == "auto":
+        attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") is not None else "sdpa"
+    checkpointing = settings.gradient_checkpointing == "on" or (settings.gradient_checkpointing == "auto" and cuda)
+    return Runtime(
+        device=device,
+        # CPU bf16 = autocast over fp32 weights (AVX512-BF16 matmuls, fp32 master weights for AdamW)
+        dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        autocast=precision == "bf16" and not cuda,
+        quantize=quantize,
+        attn_implementation=attn,
+        gradient_checkpointing=checkpointing,
+    )
+
+
+def base_model_path(settings: TrainerSettings) -> Path:
+    """The configured policy model, or the local tiny set's policy when unset."""
+    if settings.policy_model:
+        return Path(settings.policy_model)
+    from shared.tiny_models import ensure_model_set
+
+    return ensure_model_set("tiny").policy
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_config(path: str | Path, yarn_factor: float | None) -> Any:
+    """The base config, with YaRN rope scaling when ``yarn_factor`` is set, as the rollout serves it (paper 3.6)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
+    if yarn_factor and yarn_factor > 1:
+        from shared.tiny_models import native_window, yarn_rope_parameters
+
+        config.rope_parameters = yarn_rope_parameters(path, yarn_factor)
+        config.max_position_embeddings = int(yarn_factor * native_window(path))
+    return config
+
+
+def load_base(path: str | Path, runtime: Runtime, yarn_factor: float | None = None) -> Any:
+    """The frozen base model on ``runtime.device`` (4-bit when ``runtime.quantize``)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "config": model_config(path, yarn_factor),
+        "attn_implementation": runtime.attn_implementation,
+        "dtype": torch.float32 if runtime.autocast else runtime.dtype,
+    }
+    if runtime.quantize:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": runtime.device.index or 0}
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if not runtime.quantize:
+        model.to(runtime.device)
+    model.config.use_cache = False
+    if runtime.quantize:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=runtime.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif runtime.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def lora_config(settings: TrainerSettings) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.lora_rank,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=list(settings.lora_target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_policy(settings: TrainerSettings, runtime: Runtime | None = None, base_path: str | Path | None = None) -> tuple[Any, Any, Runtime]:
+    """(peft model with a fresh LoRA adapter, tokenizer, runtime)."""
+    from peft import get_peft_model
+
+    runtime = runtime or resolve_runtime(settings)
+    path = Path(base_path) if base_path else base_model_path(settings)
+    tokenizer = load_tokenizer(path)
+    base = load_base(path, runtime, settings.yarn_factor)
+    torch.manual_seed(settings.seed)
+    model = get_peft_model(base, lora_config(settings))
+    log.info(
+        "event=policy_loaded base=%s device=%s dtype=%s autocast=%s qlora=%s attn=%s checkpointing=%s trainable=%d",
+        path, runtime.device, runtime.dtype, runtime.autocast, runtime.quantize,
+        runtime.attn_implementation, runtime.gradient_checkpointing,
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )  # fmt: skip
+    return model, tokenizer, runtime
+
+
+def reset_adapter(model: Any, seed: int) -> None:
+    """Re-initializes the LoRA weights (B = 0, so the policy equals the reference again)."""
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name in module.lora_A:
+                module.reset_lora_parameters(name, True)
+
+
+def load_adapter_weights(model: Any, adapter_dir: str | Path) -> None:
+    """Loads a saved adapter's weights into the live peft model (same rank and targets)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    live = model.peft_config["default"]
+    if int(config["r"]) != live.r or set(config["target_modules"]) != set(live.target_modules):
+        raise ValueError(f"adapter {adapter_dir} has rank {config['r']} / targets {config['target_modules']}, "
+                         f"the trainer {live.r} / {sorted(live.target_modules)}")  # fmt: skip
+    state = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"), device=str(next(model.parameters()).device))
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"adapter {adapter_dir}: unexpected keys {unexpected[:3]}")
+
+
+def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """The LoRA entries of the model's state dict, on CPU; under ZeRO-3 gathered from their shards
+    (a collective: call it on every rank). ``save_adapter`` turns it into PEFT's file layout."""
+    inner = getattr(model, "module", model)
+    params = [p for n, p in inner.named_parameters() if "lora_" in n]
+    gather = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitioned parameters
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    with gather:
+        return {k: v.detach().cpu().clone() for k, v in inner.state_dict().items() if "lora_" in k}
+
+
+def save_adapter(model: Any, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """PEFT files (adapter_config.json, adapter_model.safetensors) that peft and vLLM load."""
+    inner = getattr(model, "module", model)
+    inner.save_pretrained(str(out_dir), safe_serialization=True, state_dict=state_dict)
+
+
+# --------------------------------------------------------------------------- log-probabilities
+
+
+def backbone_and_head(model: Any) -> tuple[Any, Any]:
+    """The decoder stack and the LM head of a (peft-wrapped, DeepSpeed-wrapped) causal LM."""
+    inner = getattr(model, "module", model)  # DeepSpeed engine
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return inner.get_decoder(), inner.get_output_embeddings()
+
+
+class _TokenLogProb(torch.autograd.Function):
+    """log softmax(h W^T + b)[target] per row, tile by tile, without keeping [N, V] logits.
+
+    With a gradient wanted, the forward also builds d logp / d h = W[target] - p W
+    (one [N, H] tensor), so the backward is a row scaling: no logits are saved
+    or recomputed. The LM head itself is frozen (LoRA), so no weight gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
+        rows = max(1, LOGITS_PER_TILE // weight.shape[0])
+        compute_dtype = torch.bfloat16 if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        w = weight.to(compute_dtype)
+        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], rows):
+            end = min(start + rows, hidden.shape[0])
+            logits = (hidden[start:end].to(compute_dtype) @ w.t()).float()
+            if bias is not None:
+                logits += bias.float()
+            target = targets[start:end]
+            lse = torch.logsumexp(logits, dim=-1)
+            logps[start:end] = logits.gather(1, target[:, None]).squeeze(1) - lse
+            if grad_h is not None:
+                probs = torch.exp(logits.sub_(lse[:, None]))  # in place: the tile is not needed any more
+                grad_h[start:end] = weight[target].float() - (probs.to(compute_dtype) @ w).float()
+        ctx.save_for_backward(grad_h)
+        ctx.hidden_dtype = hidden.dtype
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps: torch.Tensor):
+        (grad_h,) = ctx.saved_tensors
+        grad_hidden = (grad_logps[:, None] * grad_h).to(ctx.hidden_dtype) if grad_h is not None else None
+        return grad_hidden, None, None, None
+
+
+def token_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of ``targets`` under the LM head applied to ``hidden`` ([N, H] -> [N])."""
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if weight.requires_grad or (bias is not None and bias.requires_grad):  # full fine-tuning: plain autograd
+        logits = F.linear(hidden, weight, bias).float()
+        return logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    return _TokenLogProb.apply(hidden, weight, bias, targets)
+
+
+@dataclass
+class Sequence:
+    """A prompt+response token sequence; log-probabilities count response tokens only."""
+
+    ids: list[int]
+    prompt_len: int
+
+    @property
+    def response_len(self) -> int:
+        return len(self.ids) - self.prompt_len
+
+
+def sequence_logps(model: Any, sequences: list[Sequence], pad_id: int, runtime: Runtime) -> torch.Tensor:
+    """Summed response log-probabilities of each sequence, from one right-padded forward.
+
+    Right padding needs no attention mask: under causal attention a real
+    token never sees the padding after it. Only response positions go
+    through the LM head.
+    """
+    backbone, head = backbone_and_head(model)
+    width = max(len(s.ids) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    target_mask = torch.zeros((len(sequences), width - 1), dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq.ids)] = torch.tensor(seq.ids, dtype=torch.long)
+        target_mask[row, seq.prompt_len - 1 : len(seq.ids) - 1] = True  # position t predicts token t+1
+    input_ids = input_ids.to(runtime.device)
+    target_mask = target_mask.to(runtime.device)
+    with runtime.autocast_context():
+        hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+        selected = hidden[:, :-1][target_mask]
+        targets = input_ids[:, 1:][target_mask]
+        per_token = token_logps(selected, head, targets)
+    rows = torch.arange(len(sequences), device=runtime.device)[:, None].expand_as(target_mask)[target_mask]
+    return torch.zeros(len(sequences), dtype=torch.float32, device=runtime.device).index_add(0, rows, per_token)

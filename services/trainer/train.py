@@ -1,0 +1,425 @@
+"""One training epoch over an iteration's weighted samples (paper 3.5, 4.1).
+
+GRACE-KTO step, for a random batch of 8:
+
+1. reference log-probs of every sample and of its mismatched KL pair come from
+   one pass over the iteration *before* training (adapter disabled, no grad);
+2. z_ref: a no-grad policy pass over the batch's mismatched pairs (eq. 12);
+3. the policy pass with gradients runs the batch as padding-free, length-sorted
+   micro-batches, each adding its share of the batch-mean loss (eq. 11) plus
+   mu x the SFT loss on positives;
+4. one AdamW step under the cosine schedule.
+
+Baselines share the machinery: binary ``kto`` (sign of W only), ``dpo`` and
+``orpo`` on each group's best-vs-worst pair, ``sft`` on positives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from services.trainer import losses
+from services.trainer.batching import cosine_lr, micro_batches, mismatched_partners, plan_batches
+from services.trainer.config import TrainerSettings
+from services.trainer.model import Runtime, Sequence, sequence_logps
+from shared.prompts import chat_messages
+from shared.schemas import WeightedSample
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[dict[str, Any]], None]
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+class Encoder:
+    """Chat-template tokenization: prompt = 3.1 system prompt + query, response up to end of turn."""
+
+    def __init__(self, tokenizer: Any, max_length: int):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self._prompts: dict[str, list[int]] = {}
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt(self, query: str) -> list[int]:
+        if query not in self._prompts:
+            text = self.tokenizer.apply_chat_template(chat_messages(query), add_generation_prompt=True, tokenize=False)
+            self._prompts[query] = self._ids(text)
+        return self._prompts[query]
+
+    def __call__(self, query: str, response: str) -> Sequence:
+        prompt = self.prompt(query)
+        messages = chat_messages(query) + [{"role": "assistant", "content": response}]
+        full = self._ids(self.tokenizer.apply_chat_template(messages, tokenize=False))
+        start = _common_prefix(prompt, full)  # where the response starts (tokens may merge at the boundary)
+        response_ids = full[start:]
+        eos = self.tokenizer.eos_token_id
+        if eos in response_ids:  # the turn ends at eos, as sampling stops there
+            response_ids = response_ids[: response_ids.index(eos) + 1]
+        prompt_ids = full[:start]
+        if len(prompt_ids) >= self.max_length // 2:  # keep room for the response: cut the prompt's left side
+            prompt_ids = prompt_ids[-(self.max_length // 2) :]
+        response_ids = response_ids[: max(self.max_length - len(prompt_ids), 1)]
+        return Sequence(ids=prompt_ids + response_ids, prompt_len=len(prompt_ids))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def mismatched(matched: Sequence, other: Sequence) -> Sequence:
+    """(x, y'): this sample's prompt with another sample's response (KTO's KL pair)."""
+    response = other.ids[other.prompt_len :]
+    return Sequence(ids=matched.ids[: matched.prompt_len] + response, prompt_len=matched.prompt_len)
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def deepspeed_config(path: str | Path, settings: TrainerSettings, micro_batch_size: int) -> dict[str, Any]:
+    """A ZeRO config file with its "auto" fields filled from the settings (one micro-batch per rank per step)."""
+    config = json.loads(Path(path).read_text())
+    _, world = rank_world()
+    filled = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch_size * world,
+        "gradient_clipping": settings.max_grad_norm,
+    }
+    for key, value in filled.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+    if config.get("bf16", {}).get("enabled") == "auto":
+        config["bf16"]["enabled"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return config
+
+
+class Optimizer:
+    """AdamW over the trainable (LoRA) parameters; a DeepSpeed engine under the deepspeed launcher."""
+
+    def __init__(self, model: Any, settings: TrainerSettings, micro_batch_size: int):
+        self.settings = settings
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.engine = None
+        if settings.deepspeed is not None:
+            import deepspeed
+
+            config = deepspeed_config(settings.deepspeed, settings, micro_batch_size)
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=self.params, config=config)
+        else:
+            fused = bool(self.params) and self.params[0].is_cuda
+            self.optimizer = torch.optim.AdamW(
+                self.params, lr=settings.learning_rate, weight_decay=settings.weight_decay, fused=fused or None
+            )
+
+    @property
+    def model(self) -> Any:
+        return self.engine
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.engine is not None:
+            self.engine.backward(loss)
+        else:
+            loss.backward()
+
+    def step(self, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.engine is not None:
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+
+# --------------------------------------------------------------------------- the epoch
+
+
+@dataclass
+class EpochResult:
+    loss: str
+    samples: int
+    steps: int = 0
+    tokens: int = 0  # prompt+response tokens of the trained sequences, summed over steps
+    seconds: float = 0.0
+    lambdas: tuple[float, float] = (1.0, 1.0)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        last = self.metrics[-1] if self.metrics else {}
+        return {
+            "loss": self.loss, "samples": self.samples, "steps": self.steps, "tokens": self.tokens,
+            "seconds": round(self.seconds, 3), "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else 0.0,
+            "lambda_desirable": self.lambdas[0], "lambda_undesirable": self.lambdas[1],
+            "final_loss": last.get("loss"), "mean_loss": _mean([m["loss"] for m in self.metrics]),
+        }  # fmt: skip
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def init_distributed(settings: TrainerSettings) -> None:
+    """Under the deepspeed launcher (``settings.deepspeed`` set): one process per GPU, NCCL process group."""
+    if settings.deepspeed is None:
+        return
+    import os
+
+    import deepspeed
+
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed()
+
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    """Trains the live peft model in place; one ``train`` call = ``settings.epochs`` epochs (paper: 1)."""
+
+    def __init__(self, model: Any, tokenizer: Any, settings: TrainerSettings, runtime: Runtime, loss: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.runtime = runtime
+        self.loss = loss or settings.loss
+        self.encode = Encoder(tokenizer, settings.max_length)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.rank, self.world = rank_world()
+        # DeepSpeed wants one backward per rank per step: the rank's share runs as one (padded) micro-batch.
+        self.token_budget = settings.micro_batch_tokens if settings.deepspeed is None else 1 << 62
+
+    # ---- forward helpers
+
+    def logps(self, sequences: list[Sequence], *, reference: bool = False) -> torch.Tensor:
+        """No-grad summed response log-probs, micro-batched by length; ``reference`` disables the adapter."""
+        out = torch.empty(len(sequences), dtype=torch.float32, device=self.runtime.device)
+        if not sequences:
+            return out
+        was_training = self.model.training
+        self.model.eval()
+        context = self.model.disable_adapter() if reference else contextlib.nullcontext()
+        with torch.no_grad(), context:
+            for group in micro_batches([len(s.ids) for s in sequences], self.token_budget):
+                out[group] = sequence_logps(self.model, [sequences[i] for i in group], self.pad_id, self.runtime)
+        self.model.train(was_training)
+        return out
+
+    def _grad_logps(self, sequences: list[Sequence]) -> torch.Tensor:
+        return sequence_logps(self._forward_model, sequences, self.pad_id, self.runtime)
+
+    def _schedule(self, total_steps: int) -> Callable[[int], float]:
+        s = self.settings
+        return lambda step: cosine_lr(step, total_steps, s.learning_rate, s.min_learning_rate, s.warmup_ratio)
+
+    def _batches(self, n: int, iteration: int) -> list[list[int]]:
+        s = self.settings
+        return [b for epoch in range(s.epochs) for b in plan_batches(n, s.batch_size, s.seed + 1000 * iteration + epoch)]
+
+    def _prepare(self, micro_batch_size: int) -> Optimizer:
+        self.model.train()
+        optimizer = Optimizer(self.model, self.settings, micro_batch_size)
+        self._forward_model = optimizer.model or self.model
+        return optimizer
+
+    def _emit(self, result: EpochResult, row: dict[str, Any], on_step: StepCallback | None) -> None:
+        row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+        result.metrics.append(row)
+        log.info("event=train_step %s", " ".join(f"{k}={v}" for k, v in row.items()))
+        if on_step is not None:
+            on_step(row)
+
+    # ---- entry point
+
+    def train(self, samples: list[WeightedSample], iteration: int = 0, on_step: StepCallback | None = None) -> EpochResult:
+        if self.loss in ("grace_kto", "kto"):
+            return self._train_kto(samples, iteration, on_step)
+        if self.loss in ("dpo", "orpo"):
+            return self._train_pairs(samples, iteration, on_step)
+        if self.loss == "sft":
+            return self._train_sft(samples, iteration, on_step)
+        raise ValueError(f"unknown loss {self.loss!r}")
+
+    # ---- GRACE-KTO and binary KTO
+
+    def _train_kto(self, samples: list[WeightedSample], iteration: int, on_step: StepCallback | None) -> EpochResult:
+        s = self.settings
+        started = time.perf_counter()
+        raw = [x.weight for x in samples]
+        # binary KTO keeps only the sign (eq. 10), so every |W| = 1
+        weights = torch.tensor([(1.0 if w >= 0 else -1.0) if self.loss == "kto" else w for w in raw], dtype=torch.float32)
+        n_pos = int((weights >= 0).sum())
+        lam = losses.class_weights(n_pos, len(samples) - n_pos, s.lambda_mode, (s.lambda_desirable, s.lambda_undesirable))
+        result = EpochResult(loss=self.loss, samples=len(samples), lambdas=lam)
+        if not samples:
+            return result
+        seqs = [self.encode(x.query, x.response) for x in samples]
+        batches = self._batches(len(samples), iteration)
+        kl_keys = sorted({pair for b in batches for pair in zip(b, mismatched_partners(b))})
+        kl_seqs = {key: mismatched(seqs[key[0]], seqs[key[1]]) for key in kl_keys}
+
+        # 1. reference log-probs, once per iteration (adapter disabled, no grad)
+        ref = self.logps(seqs, reference=True).cpu()
+        ref_kl = dict(zip(kl_keys, self.logps([kl_seqs[k] for k in kl_keys], reference=True).cpu().tolist()))
+        log.info("event=reference_done iteration=%d sequences=%d seconds=%.2f",
+                 iteration, len(seqs) + len(kl_keys), time.perf_counter() - started)  # fmt: skip
+
+        optimizer = self._prepare(micro_batch_size=math.ceil(s.batch_size / self.world))
+        lr_at = self._schedule(len(batches))
+        device = self.runtime.device
+        for step, batch in enumerate(batches):
+            step_started = time.perf_counter()
+            mine = batch[self.rank :: self.world]
+            pairs = list(zip(batch, mismatched_partners(batch)))[self.rank :: self.world]
+            # 2. z_ref from the mismatched pairs under the current policy (eq. 12)
+            policy_kl = self.logps([kl_seqs[p] for p in pairs])
+            z_ref = losses.kl_reference_point(policy_kl, torch.tensor([ref_kl[p] for p in pairs], device=device))
+            # 3. policy pass with gradients, padding-free micro-batches of the batch
+            positive_tokens = sum(seqs[i].response_len for i in mine if weights[i] >= 0)
+            kto_sum = sft_sum = 0.0
+            batch_logps = torch.empty(len(mine), dtype=torch.float32)
+            for group in micro_batches([len(seqs[i].ids) for i in mine], self.token_budget):
+                idx = [mine[g] for g in group]
+                logps = self._grad_logps([seqs[i] for i in idx])
+                w = weights[idx].to(device)
+                terms = losses.grace_kto_losses(logps, ref[idx].to(device), w, z_ref, s.beta, *lam)
+                loss = terms.sum() / len(mine)
+                positive = w >= 0
+                if s.sft_weight > 0 and positive_tokens > 0 and bool(positive.any()):
+                    sft = -logps[positive].sum() / positive_tokens  # token-mean NLL over the batch's positives
+                    loss = loss + s.sft_weight * sft
+                    sft_sum += float(sft)
+                optimizer.backward(loss)
+                kto_sum += float(terms.sum()) / len(mine)
+                batch_logps[list(group)] = logps.detach().float().cpu()
+            # 4. optimizer step
+            lr = lr_at(step)
+            grad_norm = optimizer.step(lr)
+            tokens = sum(len(seqs[i].ids) for i in mine)
+            result.tokens += tokens
+            w_abs = weights[mine].abs()
+            row = {
+                "iteration": iteration, "step": step + 1, "steps": len(batches), "loss": kto_sum + s.sft_weight * sft_sum,
+                "loss_kto": kto_sum, "loss_sft": sft_sum, "z_ref": float(z_ref), "lr": lr, "grad_norm": grad_norm,
+                "weight_abs_mean": float(w_abs.mean()), "weight_abs_min": float(w_abs.min()), "weight_abs_max": float(w_abs.max()),
+                "desirable": int((weights[mine] >= 0).sum()), "undesirable": int((weights[mine] < 0).sum()),
+                **losses.reward_stats(batch_logps, ref[mine], weights[mine], s.beta),
+                "tokens": tokens, "seconds": time.perf_counter() - step_started,
+            }  # fmt: skip
+            self._emit(result, row, on_step)
+        result.steps = len(batches)
+        result.seconds = time.perf_counter() - started
+        return result
+
+    # ---- DPO / ORPO on best-vs-worst pairs
+
+    def _train_pairs(self, samples: list[WeightedSample], iteration: int, on_step: StepCallback | None) -> EpochResult:
+        s = self.settings
+        started = time.perf_counter()
+        pairs = losses.best_worst_pairs([x.group_id for x in samples], [x.weight for x in samples])
+        result = EpochResult(loss=self.loss, samples=2 * len(pairs))
+        if not pairs:
+            return result
+        used = sorted({i for pair in pairs for i in pair})
+        seqs = {i: self.encode(samples[i].query, samples[i].response) for i in used}
+        ref: dict[int, float] = {}
+        if self.loss == "dpo":
+            ref = dict(zip(used, self.logps([seqs[i] for i in used], reference=True).cpu().tolist()))
+        batches = self._batches(len(pairs), iteration)
+        optimizer = self._prepare(micro_batch_size=2 * math.ceil(s.batch_size / self.world))
+        lr_at = self._schedule(len(batches))
+        device = self.runtime.device
+        for step, batch in enumerate(batches):
+            step_started = time.perf_counter()
+            mine = [pairs[b] for b in batch[self.rank :: self.world]]
+            loss_sum = 0.0
+            margins: list[float] = []
+            # chosen and rejected of a pair share one forward/backward: the pairwise memory cost (paper 4.1)
+            lengths = [2 * max(len(seqs[c].ids), len(seqs[r].ids)) for c, r in mine]
+            for group in micro_batches(lengths, self.token_budget):
+                chosen = [mine[g][0] for g in group]
+                rejected = [mine[g][1] for g in group]
+                logps = self._grad_logps([seqs[i] for i in chosen + rejected])
+                pc, pr = logps[: len(group)], logps[len(group) :]
+                if self.loss == "dpo":
+                    rc = torch.tensor([ref[i] for i in chosen], device=device)
+                    rr = torch.tensor([ref[i] for i in rejected], device=device)
+                    loss = losses.dpo_loss(pc, pr, rc, rr, s.beta) * len(group) / len(mine)
+                    margins += (s.beta * ((pc - rc) - (pr - rr))).detach().cpu().tolist()
+                else:
+                    tc = torch.tensor([seqs[i].response_len for i in chosen], device=device, dtype=torch.float32)
+                    tr = torch.tensor([seqs[i].response_len for i in rejected], device=device, dtype=torch.float32)
+                    loss = losses.orpo_loss(pc, pr, tc, tr, s.orpo_alpha) * len(group) / len(mine)
+                optimizer.backward(loss)
+                loss_sum += float(loss)
+            lr = lr_at(step)
+            grad_norm = optimizer.step(lr)
+            tokens = sum(len(seqs[i].ids) for pair in mine for i in pair)
+            result.tokens += tokens
+            row = {"iteration": iteration, "step": step + 1, "steps": len(batches), "loss": loss_sum, "lr": lr,
+                   "grad_norm": grad_norm, "pairs": len(mine), "tokens": tokens,
+                   "seconds": time.perf_counter() - step_started}  # fmt: skip
+            if margins:
+                row["reward_margin"] = sum(margins) / len(margins)
+            self._emit(result, row, on_step)
+        result.steps = len(batches)
+        result.seconds = time.perf_counter() - started
+        return result
+
+    # ---- SFT on positives
+
+    def _train_sft(self, samples: list[WeightedSample], iteration: int, on_step: StepCallback | None) -> EpochResult:
+        started = time.perf_counter()
+        positives = [x for x in samples if x.weight >= 0 and x.parsed]
+        result = EpochResult(loss="sft", samples=len(positives))
+        if not positives:
+            return result
+        seqs = [self.encode(x.query, x.response) for x in positives]
+        batches = self._batches(len(seqs), iteration)
+        optimizer = self._prepare(micro_batch_size=math.ceil(self.settings.batch_size / self.world))
+        lr_at = self._schedule(len(batches))
+        for step, batch in enumerate(batches):
+            step_started = time.perf_counter()
+            mine = batch[self.rank :: self.world]
+            total = sum(seqs[i].response_len for i in mine)
+            loss_sum = 0.0
+            for group in micro_batches([len(seqs[i].ids) for i in mine], self.token_budget):
+                logps = self._grad_logps([seqs[mine[g]] for g in group])
+                loss = -logps.sum() / total
+                optimizer.backward(loss)
+                loss_sum += float(loss)
+            lr = lr_at(step)
+            grad_norm = optimizer.step(lr)
+            tokens = sum(len(seqs[i].ids) for i in mine)
+            result.tokens += tokens
+            self._emit(result, {"iteration": iteration, "step": step + 1, "steps": len(batches), "loss": loss_sum,
+                                "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                                "seconds": time.perf_counter() - step_started}, on_step)  # fmt: skip
+        result.steps = len(batches)
+        result.seconds = time.perf_counter() - started
+        return result

@@ -1,0 +1,222 @@
+"""The trainer's stream loop: samples in, one epoch per iteration, adapters out.
+
+1. Reads ``grace:samples`` in the consumer group; each WeightedSample is
+   stored in Redis (hash per iteration, keyed by sample id) and acked in one
+   transaction; IterationComplete(stage="reward") records the expected count.
+2. When a run's next iteration holds its N distinct samples, trains one epoch,
+   starting from the run's latest adapter (fresh LoRA for the first).
+3. Writes the adapter into the store (temp dir + rename, checksum) as
+   ``iter-<iteration:04d>``, publishes an AdapterEvent, records the iteration.
+
+After a crash anywhere, a restart redoes only what is missing: samples are
+durable before their ack, an existing adapter version is never retrained or
+rewritten (its event is republished if it was not yet), and a finished
+iteration is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from services.trainer.config import TrainerSettings
+from services.trainer.state import TrainerState
+from services.trainer.train import rank_world
+from shared.adapters import AdapterStore, adapter_checksum, adapter_rank
+from shared.runs import load_run_config
+from shared.schemas import STREAM_ADAPTERS, STREAM_SAMPLES, AdapterEvent, IterationComplete, WeightedSample
+from shared.streams import IterationManifest, StreamConsumer, publish
+
+log = logging.getLogger(__name__)
+
+VERSION_RE = re.compile(r"^iter-(\d+)$")
+
+
+def adapter_version(iteration: int) -> str:
+    return f"iter-{iteration:04d}"
+
+
+def latest_adapter(store: AdapterStore, run_id: str, before: int) -> Path | None:
+    """The run's newest complete adapter of an iteration < ``before`` (the starting point of the next)."""
+    run_dir = store.root / run_id
+    best: tuple[int, Path] | None = None
+    for path in run_dir.glob("iter-*") if run_dir.is_dir() else []:
+        match = VERSION_RE.match(path.name)
+        if match and int(match.group(1)) < before and store.exists(run_id, path.name):
+            if best is None or int(match.group(1)) > best[0]:
+                best = (int(match.group(1)), path)
+    return best[1] if best else None
+
+
+class TrainerWorker:
+    def __init__(self, settings: TrainerSettings, client: redis.Redis):
+        self.settings = settings
+        self.client = client
+        self.state = TrainerState(client)
+        self.store = AdapterStore(settings.adapter_root)
+        self.consumer = StreamConsumer(
+            client, STREAM_SAMPLES, settings.group, settings.consumer, min_idle_ms=settings.min_idle_ms
+        )
+        self._policy: tuple[Any, Any, Any] | None = None  # (model, tokenizer, runtime), loaded at first use
+        self.trained = 0
+        self.rank, self.world = rank_world()
+
+    # ---- ingestion
+
+    def ingest(self, count: int | None = None, block_ms: int | None = None) -> int:
+        """Stores (and acks) one read's worth of entries; returns how many were read."""
+        entries = self.consumer.read(count or self.settings.read_count, self.settings.block_ms if block_ms is None else block_ms)
+        stored = 0
+        for entry in entries:
+            ack = (STREAM_SAMPLES, self.settings.group, entry.id)
+            payload = entry.payload
+            if payload is None:
+                self.consumer.dead_letter(entry, entry.error or "undecodable")
+            elif isinstance(payload, WeightedSample):
+                self.state.store_sample(payload, ack)
+                stored += 1
+            elif isinstance(payload, IterationComplete) and payload.stage == "reward":
+                self.state.store_complete(payload, ack)
+                log.info("event=iteration_announced run=%s iteration=%d count=%d", payload.run_id, payload.iteration, payload.count)
+            else:  # not for the trainer
+                self.consumer.ack(entry.id)
+        if stored:
+            log.info("event=samples_stored count=%d", stored)
+        return len(entries)
+
+    # ---- training
+
+    def ready(self) -> list[tuple[str, int]]:
+        """(run, iteration) pairs whose next iteration holds all its samples."""
+        out = []
+        for run_id in self.state.runs():
+            nxt = self.state.next_iteration(run_id)
+            if nxt is None:
+                continue
+            iteration, expected, held = nxt
+            if held >= expected:
+                out.append((run_id, iteration))
+            else:
+                log.debug("event=iteration_waiting run=%s iteration=%d held=%d expected=%d", run_id, iteration, held, expected)
+        return out
+
+    def policy(self) -> tuple[Any, Any, Any]:
+        if self._policy is None:
+            from services.trainer.model import load_policy
+
+            self._policy = load_policy(self.settings)
+        return self._policy
+
+    def train_iteration(self, run_id: str, iteration: int) -> dict[str, Any]:
+        version = adapter_version(iteration)
+        samples = self.state.samples(run_id, iteration)
+        expected = self.state.expected(run_id).get(iteration)
+        if expected is not None and len(samples) != expected:
+            log.warning("event=sample_count_mismatch run=%s iteration=%d held=%d expected=%d",
+                        run_id, iteration, len(samples), expected)  # fmt: skip
+        run_config = load_run_config(self.client, run_id)
+        loss = run_config.loss if run_config else self.settings.loss
+        summary: dict[str, Any] = {}
+        if self.rank != 0:  # other DeepSpeed ranks only join the training and the adapter gather
+            if not self.store.exists(run_id, version):
+                self._train_and_write(run_id, iteration, version, samples, loss)
+            return {}
+        if self.store.exists(run_id, version):
+            log.info("event=adapter_exists run=%s version=%s action=skip_training", run_id, version)
+            path = self.store.path(run_id, version)
+            checksum = adapter_checksum(path)
+        else:
+            path, checksum, summary = self._train_and_write(run_id, iteration, version, samples, loss)
+        if not self.state.is_published(run_id, version):
+            event = AdapterEvent(run_id=run_id, iteration=iteration, version=version, path=str(path),
+                                 checksum=checksum, rank=adapter_rank(path), loss=loss)  # fmt: skip
+            publish(self.client, STREAM_ADAPTERS, event)
+            self.state.mark_published(run_id, version)
+            log.info("event=adapter_published run=%s version=%s checksum=%s", run_id, version, checksum[:12])
+        record = {"version": version, "path": str(path), "checksum": checksum, "samples": len(samples), "loss": loss, **summary}
+        manifest = IterationManifest(self.client, run_id)
+        manifest.set_expected("train", iteration, len(samples))
+        for sample in samples:
+            manifest.mark_done("train", iteration, sample.sample_id)
+        self.state.mark_done(run_id, iteration, record)
+        self.trained += 1
+        log.info("event=iteration_done run=%s iteration=%d version=%s samples=%d", run_id, iteration, version, len(samples))
+        return record
+
+    def _train_and_write(
+        self, run_id: str, iteration: int, version: str, samples: list[WeightedSample], loss: str
+    ) -> tuple[Path, str, dict[str, Any]]:
+        from services.trainer.model import adapter_state_dict, load_adapter_weights, reset_adapter, save_adapter
+        from services.trainer.train import Trainer
+
+        model, tokenizer, runtime = self.policy()
+        start = latest_adapter(self.store, run_id, iteration)
+        if start is not None:
+            load_adapter_weights(model, start)
+        else:
+            reset_adapter(model, self.settings.seed + iteration)
+        log.info("event=iteration_training run=%s iteration=%d samples=%d loss=%s start=%s",
+                 run_id, iteration, len(samples), loss, start.name if start else "fresh")  # fmt: skip
+        metrics_path = Path(self.settings.run_root) / run_id / "train_metrics.jsonl"
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        attempt = time.time()
+        with open(metrics_path, "a", encoding="utf-8") as sink:
+
+            def on_step(row: dict[str, Any]) -> None:
+                if self.rank == 0:
+                    sink.write(json.dumps({"run_id": run_id, "attempt": attempt, "loss_name": loss, **row}) + "\n")
+                    sink.flush()
+
+            result = Trainer(model, tokenizer, self.settings, runtime, loss=loss).train(samples, iteration, on_step)
+        summary = result.summary()
+        weights = adapter_state_dict(model)  # a collective under ZeRO-3: every rank takes part
+        if self.rank != 0:
+            return self.store.path(run_id, version), "", summary
+
+        def save(tmp: Path) -> None:
+            save_adapter(model, tmp, weights)
+            state = {"run_id": run_id, "iteration": iteration, "version": version, "start": start.name if start else None,
+                     "sample_ids": [s.sample_id for s in samples], **summary}  # fmt: skip
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+
+        path, checksum = self.store.write(run_id, version, save)
+        log.info("event=adapter_written run=%s version=%s path=%s tokens_per_s=%s", run_id, version, path, summary["tokens_per_s"])
+        return path, checksum, summary
+
+    # ---- loop
+
+    def run_once(self, block_ms: int | None = None) -> int:
+        """One ingest read, then every ready iteration; returns iterations trained."""
+        self.ingest(block_ms=block_ms)
+        trained = 0
+        for run_id, iteration in self.ready():
+            self.train_iteration(run_id, iteration)
+            trained += 1
+        return trained
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Until ``stop`` (or ``max_iterations``). Under DeepSpeed, rank 0 reads the stream and picks the
+        iteration; every rank trains it (samples come from Redis); rank 0 writes and publishes."""
+        log.info("event=trainer_started stream=%s group=%s consumer=%s rank=%d world=%d",
+                 STREAM_SAMPLES, self.settings.group, self.settings.consumer, self.rank, self.world)  # fmt: skip
+        stop = stop or threading.Event()
+        while not stop.is_set():
+            if self.world == 1:
+                self.run_once()
+            else:
+                import torch.distributed as dist
+
+                box = [self.ready()[:1] if self.rank == 0 and self.ingest() >= 0 else None]
+                dist.broadcast_object_list(box, src=0)
+                for run_id, iteration in box[0]:
+                    self.train_iteration(run_id, iteration)
+            if self.settings.max_iterations and self.trained >= self.settings.max_iterations:
+                log.info("event=trainer_stopping trained=%d", self.trained)
+                return

@@ -1,0 +1,169 @@
+"""The reward worker on a real Redis: groups in, weighted samples and the marker out, exactly once."""
+
+import sys
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from services.reward.state import IterationState
+from services.reward.worker import RewardWorker, weighted_samples
+from shared.process import ServiceProcess
+from shared.schemas import STREAM_ROLLOUTS, STREAM_SAMPLES, IterationComplete, RolloutGroup, WeightedSample, decode_message
+from shared.streams import publish
+from tests.fixtures.reward import ROOT, model_env, model_settings
+from tests.reward.test_scorer import DOC_OTHER, DOC_SHORT, structured
+
+
+def make_groups(run: str, iteration: int, k: int) -> list[RolloutGroup]:
+    groups = []
+    for g in range(k):
+        responses = [
+            structured(f"summary {g} {i}", (DOC_SHORT + " ") * (i + 1) + DOC_OTHER * (g % 2)) for i in range(3)
+        ] + (["no tags at all"] if g % 2 == 0 else [])
+        groups.append(
+            RolloutGroup(run_id=run, iteration=iteration, group_id=f"{run}:{iteration}:{g}", group_index=g,
+                         query=f"Write report {g} on SOE reform", responses=responses)  # fmt: skip
+        )
+    return groups
+
+
+def published(client) -> tuple[list[WeightedSample], list[IterationComplete]]:
+    payloads = [decode_message(fields) for _, fields in client.xrange(STREAM_SAMPLES)]
+    return (
+        [p for p in payloads if isinstance(p, WeightedSample)],
+        [p for p in payloads if isinstance(p, IterationComplete)],
+    )
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def check_iteration(client, groups: list[RolloutGroup], run: str, iteration: int) -> list[WeightedSample]:
+    samples, markers = published(client)
+    samples = [s for s in samples if s.run_id == run and s.iteration == iteration]
+    markers = [m for m in markers if m.run_id == run and m.iteration == iteration]
+    expected_ids = {f"{g.group_id}:{i}" for g in groups for i in range(len(g.responses))}
+    counts = Counter(s.sample_id for s in samples)
+    assert set(counts) == expected_ids and set(counts.values()) == {1}  # every response once
+    assert len(markers) == 1 and markers[0].stage == "reward" and markers[0].count == len(expected_ids)
+    by_id = {f"{g.group_id}:{i}": (g, text) for g in groups for i, text in enumerate(g.responses)}
+    for s in samples:
+        group, text = by_id[s.sample_id]
+        assert s.query == group.query and s.response == text and s.group_id == group.group_id
+        if not s.parsed:
+            assert s.weight == -1.0 and s.label == "undesirable" and s.z is None
+        else:
+            assert s.label == ("desirable" if s.z >= 0 else "undesirable")
+    pos = [s.weight for s in samples if s.parsed and s.z >= 0]
+    neg = [s.weight for s in samples if s.parsed and s.z < 0]
+    assert sum(pos) == pytest.approx(len(pos)) and sum(neg) == pytest.approx(-len(neg))  # eq. 8-9 over the iteration
+    return samples
+
+
+def run_workers(workers: list[RewardWorker], until, timeout: float = 120.0):
+    stop = threading.Event()
+    threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in workers]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(until, timeout, "the iteration to finalize")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+
+
+def test_an_iteration_in_weighted_samples_and_marker_out(redis_client, reward_scorer, tiny_models):
+    groups = make_groups("r1", 0, 3)
+    for g in groups:
+        publish(redis_client, STREAM_ROLLOUTS, g)
+    publish(redis_client, STREAM_ROLLOUTS, IterationComplete(run_id="r1", iteration=0, stage="rollout", count=3))
+    settings = model_settings(tiny_models, consumer_name="w1", block_ms=100)
+    worker = RewardWorker(redis_client, reward_scorer.score, settings)
+    run_workers([worker], lambda: published(redis_client)[1])
+    samples = check_iteration(redis_client, groups, "r1", 0)
+    assert len(samples) == 3 * 3 + 2
+    # the weights are those of eq. 5-9 over the iteration's stored metrics
+    state = IterationState(redis_client, "r1", 0)
+    assert [s.weight for s in weighted_samples(state.load_all())] == [s.weight for s in samples]
+    assert redis_client.xpending(STREAM_ROLLOUTS, "reward")["pending"] == 0  # all acked
+
+
+def test_two_workers_share_groups_and_normalize_once(redis_client, reward_scorer, tiny_models):
+    groups = make_groups("r2", 4, 6)
+    for g in groups[:3]:
+        publish(redis_client, STREAM_ROLLOUTS, g)
+    publish(redis_client, STREAM_ROLLOUTS, IterationComplete(run_id="r2", iteration=4, stage="rollout", count=6))
+    for g in groups[3:]:  # groups may arrive after the rollout marker
+        publish(redis_client, STREAM_ROLLOUTS, g)
+    workers = [
+        RewardWorker(redis_client, reward_scorer.score, model_settings(tiny_models, consumer_name=name, worker_batch=1, block_ms=50))
+        for name in ("a", "b")
+    ]
+    run_workers(workers, lambda: published(redis_client)[1])
+    time.sleep(0.5)  # a second finalization, if there were one, would show up now
+    check_iteration(redis_client, groups, "r2", 4)
+    assert sum(w.telemetry.registry.get_sample_value("grace_reward_worker_groups_total") for w in workers) == 6  # each group scored once
+    assert sum(w.telemetry.registry.get_sample_value("grace_reward_worker_iterations_total") for w in workers) == 1
+
+
+def test_finalization_resumed_after_a_crash_publishes_the_rest_once(redis_client, reward_scorer, tiny_models):
+    groups = make_groups("r3", 1, 3)
+    settings = model_settings(tiny_models, consumer_name="w3", block_ms=50)
+    worker = RewardWorker(redis_client, reward_scorer.score, settings)
+    state = IterationState(redis_client, "r3", 1)
+    state.set_expected(3)
+    worker._score_new(groups, {("r3", 1): state})
+    # a finalizer that died after publishing 4 samples, before the rest and the marker
+    samples = weighted_samples(state.load_all())
+    assert state.publish_once(STREAM_SAMPLES, [(s.sample_id, s) for s in samples[:4]]) == 4
+    assert state.publish_once(STREAM_SAMPLES, [(s.sample_id, s) for s in samples[:4]]) == 0  # retry: nothing new
+    assert worker.finalize(state) is True
+    assert worker.finalize(state) is True  # idempotent
+    check_iteration(redis_client, groups, "r3", 1)
+
+
+def test_worker_killed_mid_iteration_and_restarted_publishes_each_sample_once(redis_client, redis_url, tiny_models, tmp_path):
+    groups = make_groups("r4", 2, 6)
+    for g in groups[:5]:
+        publish(redis_client, STREAM_ROLLOUTS, g)
+    env = {
+        **model_env(tiny_models),
+        "REDIS_URL": redis_url,
+        "GRACE_REWARD_WORKER_BATCH": "1",
+        "GRACE_REWARD_MIN_IDLE_MS": "500",
+        "GRACE_REWARD_BLOCK_MS": "100",
+        "GRACE_REWARD_DTYPE": "fp32",
+    }
+    command = [sys.executable, "-m", "shared.cli", "serve", "reward", "--worker-only"]
+
+    def worker(name: str) -> ServiceProcess:
+        process = ServiceProcess(name, command, tmp_path / f"{name}.log", env={**env, "GRACE_REWARD_CONSUMER_NAME": name}, cwd=ROOT)
+        process.start()
+        return process
+
+    state = IterationState(redis_client, "r4", 2)
+    first = worker("doomed")
+    try:
+        wait_for(lambda: state.scored_count() >= 2, 180, "the first worker to score some groups")
+    finally:
+        first.kill()
+    assert state.scored_count() < 6 and not published(redis_client)[1]  # killed mid-iteration
+    publish(redis_client, STREAM_ROLLOUTS, groups[5])
+    publish(redis_client, STREAM_ROLLOUTS, IterationComplete(run_id="r4", iteration=2, stage="rollout", count=6))
+    second = worker("survivor")  # another name: it must reclaim what the dead one left pending
+    try:
+        wait_for(lambda: published(redis_client)[1], 180, "the restarted worker to finalize")
+        wait_for(lambda: redis_client.xpending(STREAM_ROLLOUTS, "reward")["pending"] == 0, 30, "all entries acked")
+    finally:
+        second.stop()
+    check_iteration(redis_client, groups, "r4", 2)

@@ -1,0 +1,159 @@
+"""LoRA hot swap on the real server: new outputs, no failed request, bad adapters rejected, fan-out."""
+
+import asyncio
+import shutil
+import time
+
+import httpx
+import openai
+import redis
+
+from shared.schemas import STREAM_ADAPTERS, AdapterEvent
+from shared.streams import publish
+from services.rollout.adapters import AdapterManager
+from services.rollout.registry import AdapterRegistry
+from tests.fixtures.rollout import wait_adapter_status
+
+PROMPT = "The quarterly report on state owned assets"
+
+
+def _greedy(rollout_service, model="policy"):
+    reply = httpx.post(
+        rollout_service.openai_base_url + "/completions", headers=rollout_service.headers(),
+        json={"model": model, "prompt": PROMPT, "max_tokens": 16, "temperature": 0}, timeout=60,
+    )  # fmt: skip
+    reply.raise_for_status()
+    return reply.headers.get("x-grace-adapter-version"), reply.json()["choices"][0]["text"]
+
+
+def _swap(rollout_service, lora_factory, publish_adapter, version, seed):
+    path, checksum, rank = lora_factory.make(version, rank=8, seed=seed)
+    publish_adapter(version, path, checksum, rank)
+    status = wait_adapter_status(rollout_service.redis_url, version)
+    assert status.status == "loaded", status.reason
+    return path
+
+
+def _unique(prefix):
+    return f"{prefix}-{time.time_ns()}"
+
+
+def test_hot_swap_changes_policy_outputs(rollout_service, lora_factory, publish_adapter):
+    before_version, before = _greedy(rollout_service)
+    version = _unique("swap")
+    _swap(rollout_service, lora_factory, publish_adapter, version, seed=11)
+    after_version, after = _greedy(rollout_service)
+    assert before_version != version and after_version == version
+    assert after != before
+    admin = rollout_service.admin()
+    assert admin["current"]["version"] == version
+    assert admin["history"][0]["version"] == version and any(h["version"] == before_version for h in admin["history"])
+    # `policy` is exactly the versioned adapter in vLLM
+    raw = httpx.post(rollout_service.vllm_url + "/v1/completions", timeout=60,
+                     json={"model": admin["current"]["model"], "prompt": PROMPT, "max_tokens": 16, "temperature": 0})  # fmt: skip
+    assert raw.json()["choices"][0]["text"] == after
+
+
+def test_swap_under_load_fails_no_request_and_retires_the_old_version(rollout_service, lora_factory, publish_adapter):
+    old = _unique("load-old")
+    _swap(rollout_service, lora_factory, publish_adapter, old, seed=21)
+    new = _unique("load-new")
+    new_path, new_checksum, rank = lora_factory.make(new, rank=8, seed=22)
+
+    async def scenario():
+        client = openai.AsyncOpenAI(base_url=rollout_service.openai_base_url, api_key=rollout_service.api_key,
+                                    timeout=300, max_retries=0)  # fmt: skip
+
+        async def one(i):
+            raw = await client.completions.with_raw_response.create(
+                model="policy", prompt=f"{PROMPT} {i}", max_tokens=160, n=2, temperature=1.0,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            reply = raw.parse()
+            return raw.headers["x-grace-adapter-version"], [c.finish_reason for c in reply.choices], reply.usage.completion_tokens
+
+        first = [asyncio.create_task(one(i)) for i in range(20)]
+        deadline = time.monotonic() + 60
+        while rollout_service.admin()["in_flight"].get(rollout_service.admin()["current"]["model"], 0) < 16:
+            assert time.monotonic() < deadline, "requests never got in flight"
+            await asyncio.sleep(0.05)
+        publish_adapter(new, new_path, new_checksum, rank)
+        status = await asyncio.to_thread(wait_adapter_status, rollout_service.redis_url, new)
+        during = rollout_service.admin()
+        second = [asyncio.create_task(one(100 + i)) for i in range(4)]
+        results = await asyncio.gather(*first, *second)  # any failed request raises here
+        await client.close()
+        return status, during, results
+
+    status, during, results = asyncio.run(scenario())
+    assert status.status == "loaded"
+    old_results, new_results = results[:20], results[20:]
+    assert all(r[1] == ["length", "length"] and r[2] == 320 for r in results)  # every request ran to the end
+    assert all(r[0] == old for r in old_results)  # in-flight requests kept their version
+    assert all(r[0] == new for r in new_results)
+    # the old version was still loaded while its requests ran, and unloaded once they were done
+    assert during["current"]["version"] == new
+    retiring = {r["version"]: r["model"] for r in during["retiring"]}
+    assert old in retiring and during["in_flight"].get(retiring[old], 0) > 0, during
+    deadline = time.monotonic() + 30
+    while any(r["version"] == old for r in rollout_service.admin()["retiring"]):
+        assert time.monotonic() < deadline, "old version never unloaded"
+        time.sleep(0.2)
+    served = {m["id"] for m in httpx.get(rollout_service.vllm_url + "/v1/models", timeout=10).json()["data"]}
+    assert during["current"]["model"] in served and not any(old in name for name in served)
+
+
+def test_bad_adapters_are_rejected_and_the_old_one_keeps_serving(
+    rollout_service, lora_factory, publish_adapter, tmp_path
+):
+    good = _unique("good")
+    _swap(rollout_service, lora_factory, publish_adapter, good, seed=31)
+    serving_version, serving_text = _greedy(rollout_service)
+    assert serving_version == good
+
+    cases = {}
+    path, checksum, rank = lora_factory.make(_unique("src"), rank=8, seed=32)
+    missing = path.parent / _unique("missing")
+    shutil.copytree(path, missing)
+    (missing / "adapter_model.safetensors").unlink()
+    cases["missing"] = (missing, checksum, rank, "missing PEFT file")
+    high_path, high_checksum, high_rank = lora_factory.make(_unique("high"), rank=32, seed=33)
+    cases["rank"] = (high_path, high_checksum, high_rank, "rank 32 is above the maximum 16")
+    outside = tmp_path / "outside"
+    shutil.copytree(path, outside)
+    cases["outside"] = (outside, checksum, rank, "outside the adapter root")
+    cases["checksum"] = (path, "f" * 64, rank, "checksum mismatch")
+
+    for name, (p, c, r, reason) in cases.items():
+        version = _unique(f"bad-{name}")
+        publish_adapter(version, p, c, r)
+        status = wait_adapter_status(rollout_service.redis_url, version)
+        assert status.status == "rejected" and reason in status.reason, (name, status.reason)
+        assert _greedy(rollout_service) == (serving_version, serving_text)
+    assert rollout_service.admin()["current"]["version"] == good
+
+
+def test_every_replica_receives_every_adapter_event(rollout_service, lora_factory):
+    """Fan-out: one consumer group per replica, so two replicas both load the same event."""
+    client = redis.Redis.from_url(rollout_service.redis_url)
+    managers = {
+        name: AdapterManager(client, AdapterRegistry("base"), rollout_service.vllm_url, adapter_root=rollout_service.adapter_root,
+                             replica=name, max_rank=16, block_ms=200)  # fmt: skip
+        for name in (_unique("replica-a"), _unique("replica-b"))
+    }
+    for manager in managers.values():  # start reading from the stream's end, as a fresh replica group would see new events
+        manager.consumer.client.xgroup_setid(STREAM_ADAPTERS, manager.consumer.group, "$")
+    version = _unique("fanout")
+    path, checksum, rank = lora_factory.make(version, rank=8, seed=41)
+    publish(client, STREAM_ADAPTERS, AdapterEvent(run_id="test", iteration=0, version=version, path=str(path), checksum=checksum, rank=rank))
+    for name, manager in managers.items():
+        outcomes = []
+        deadline = time.monotonic() + 30
+        while not outcomes and time.monotonic() < deadline:
+            outcomes = manager.poll_once(block_ms=200)
+        assert [o.status for o in outcomes] == ["loaded"], (name, outcomes)
+        assert manager.registry.current.version == version
+        assert wait_adapter_status(rollout_service.redis_url, version, replica=name).status == "loaded"
+        manager.http.close()
+    assert wait_adapter_status(rollout_service.redis_url, version).status == "loaded"  # the service's own replica too
+    client.close()

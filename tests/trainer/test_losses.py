@@ -1,0 +1,253 @@
+"""The loss math alone: GRACE-KTO vs TRL's own KTO code, gradients, baselines, planning."""
+
+from __future__ import annotations
+
+import math
+import types
+from collections import defaultdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from services.trainer import losses
+from services.trainer.batching import cosine_lr, micro_batches, mismatched_partners, plan_batches
+from services.trainer.model import token_logps
+
+# --------------------------------------------------------------------------- equality with TRL
+
+
+class TableLM(torch.nn.Module):
+    """A causal "LM" whose log-prob of token v is a learnable table entry, returning TRL's fused-head output.
+
+    It lets TRL's own ``KTOTrainer._compute_loss`` run on log-probabilities the test knows exactly.
+    """
+
+    def __init__(self, vocab: int, seed: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.table = torch.nn.Parameter(-torch.rand(vocab, generator=generator, dtype=torch.float64) * 3)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, fused_lm_head=False, **kwargs):
+        from trl.trainer.utils import FusedCausalLMOutput
+
+        assert fused_lm_head
+        next_labels = labels[:, 1:]
+        mask = next_labels != -100
+        log_probs = self.table[next_labels.clamp(min=0)] * mask
+        zeros = torch.zeros_like(log_probs)
+        return FusedCausalLMOutput(log_probs=log_probs, entropy=zeros, mean_logits=zeros, label_mask=mask)
+
+
+def _trl_kto_batch(labels: list[bool], vocab: int, seed: int) -> dict[str, torch.Tensor]:
+    """A collated KTO batch (as TRL's DataCollatorForUnpairedPreference builds it) with precomputed ref log-probs."""
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    completions = []
+    for label in labels:
+        prompt = torch.randint(1, vocab, (int(torch.randint(3, 7, (1,), generator=generator)),), generator=generator)
+        completion = torch.randint(1, vocab, (int(torch.randint(2, 9, (1,), generator=generator)),), generator=generator)
+        completions.append(completion.tolist())
+        examples.append({"prompt_ids": prompt.tolist(), "completion_ids": completion.tolist(), "label": label})
+    for k, example in enumerate(examples):  # TRL's rotation by one for the KL pairs
+        example["KL_completion_ids"] = completions[k - 1]
+        example["ref_logps"] = float(-torch.rand(1, generator=generator) * 10)
+        example["ref_KL_logps"] = float(-torch.rand(1, generator=generator) * 10)
+    return DataCollatorForUnpairedPreference(pad_token_id=0)(examples)
+
+
+def _trl_loss(model: TableLM, batch: dict, beta: float, lambda_d: float, lambda_u: float) -> tuple[torch.Tensor, float]:
+    """TRL 1.16's ``KTOTrainer._compute_loss`` on ``batch``: its own code, bound to a minimal trainer state."""
+    from trl.trainer.kto_trainer import KTOTrainer
+
+    state = types.SimpleNamespace(
+        model=model, precompute_ref_logps=True, calculate_KL=True, loss_type="kto", beta=beta,
+        desirable_weight=lambda_d, undesirable_weight=lambda_u, aux_loss_enabled=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+        accelerator=types.SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x),
+    )  # fmt: skip
+    state._compute_kl_logps = types.MethodType(KTOTrainer._compute_kl_logps, state)
+    loss = KTOTrainer._compute_loss(state, model, batch, return_outputs=False)
+    return loss, state._metrics["train"]["kl"][-1]
+
+
+def _summed(model: TableLM, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """Sequence log-probs summed over completion tokens, computed independently of TRL."""
+    return (model.table[input_ids[:, 1:]] * completion_mask[:, 1:]).sum(-1)
+
+
+@pytest.mark.parametrize(
+    ("labels", "beta", "lambdas"),
+    [
+        ([True, False, True, True, False, False, True, False], 0.1, (1.0, 1.0)),
+        ([True, True, True, False, True, True], 0.05, (1.0, 5.0)),  # balanced: lambda- = 5/1
+        ([False, False, True, False], 0.5, (3.0, 1.0)),
+    ],
+)
+def test_grace_kto_equals_trl_kto_with_unit_weights(labels, beta, lambdas):
+    vocab = 50
+    batch = _trl_kto_batch(labels, vocab, seed=len(labels))
+    trl_model, our_model = TableLM(vocab, 7), TableLM(vocab, 7)
+
+    trl_loss, trl_kl = _trl_loss(trl_model, batch, beta, *lambdas)
+    trl_loss.backward()
+
+    policy = _summed(our_model, batch["input_ids"], batch["completion_mask"])
+    policy_kl = _summed(our_model, batch["KL_input_ids"], batch["KL_completion_mask"])
+    z_ref = losses.kl_reference_point(policy_kl, batch["ref_KL_logps"].to(policy_kl.dtype))
+    weights = torch.where(batch["label"], 1.0, -1.0)
+    ours = losses.grace_kto_loss(policy, batch["ref_logps"].to(policy.dtype), weights, z_ref, beta, *lambdas)
+    ours.backward()
+
+    assert float(trl_loss.detach()) > 0.01
+    assert float(ours.detach()) == pytest.approx(float(trl_loss.detach()), rel=1e-9, abs=1e-12)
+    assert float(z_ref) == pytest.approx(trl_kl, rel=1e-6, abs=1e-9)
+    assert torch.allclose(our_model.table.grad, trl_model.table.grad, rtol=1e-9, atol=1e-12)
+    assert trl_model.table.grad.abs().sum() > 0
+
+
+def test_binary_kto_is_grace_kto_with_signs_only():
+    policy, ref = torch.tensor([-5.0, -7.0, -3.0]), torch.tensor([-6.0, -6.5, -3.5])
+    z = torch.tensor(0.2)
+    weights = torch.tensor([2.5, -0.3, 0.0])
+    binary = losses.kto_loss(policy, ref, weights >= 0, z, 0.1, 1.0, 2.0)
+    unit = losses.grace_kto_loss(policy, ref, torch.tensor([1.0, -1.0, 1.0]), z, 0.1, 1.0, 2.0)
+    weighted = losses.grace_kto_loss(policy, ref, weights, z, 0.1, 1.0, 2.0)
+    assert float(binary) == pytest.approx(float(unit))
+    assert float(binary) != pytest.approx(float(weighted))
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+def _grad(weights: list[float], policy: list[float], ref: list[float], z: float = 0.0) -> torch.Tensor:
+    p = torch.tensor(policy, dtype=torch.float64, requires_grad=True)
+    loss = losses.grace_kto_loss(p, torch.tensor(ref, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64),
+                                 torch.tensor(z, dtype=torch.float64), 0.05, 1.0, 1.0)  # fmt: skip
+    loss.backward()
+    return p.grad
+
+
+def test_gradient_raises_desirable_and_lowers_undesirable_in_proportion_to_weight():
+    # same log-ratio everywhere, so only W differs
+    weights = [0.5, 2.0, -0.5, -2.0]
+    grad = _grad(weights, [-10.0] * 4, [-10.0] * 4)
+    step = -grad  # gradient descent moves log-probs along -grad
+    assert step[0] > 0 and step[1] > 0, "desirable log-ratios must rise"
+    assert step[2] < 0 and step[3] < 0, "undesirable log-ratios must fall"
+    assert float(step[1] / step[0]) == pytest.approx(4.0)
+    assert float(step[3] / step[2]) == pytest.approx(4.0)
+
+
+def test_zero_weight_contributes_nothing():
+    with_zero = _grad([1.0, 0.0, -1.0], [-3.0, -1.0, -4.0], [-3.5, -9.0, -3.0], z=0.3)
+    assert with_zero[1] == 0.0
+    p = torch.tensor([-3.0, -1.0, -4.0])
+    ref = torch.tensor([-3.5, -9.0, -3.0])
+    terms = losses.grace_kto_losses(p, ref, torch.tensor([1.0, 0.0, -1.0]), torch.tensor(0.3), 0.05, 1.0, 1.0)
+    assert terms[1] == 0.0 and terms[0] > 0 and terms[2] > 0
+
+
+def test_reference_point_is_detached_clamped_mean():
+    policy = torch.tensor([-4.0, -6.0], requires_grad=True)
+    z = losses.kl_reference_point(policy, torch.tensor([-5.0, -6.0]))
+    assert float(z) == pytest.approx(0.5)
+    assert not z.requires_grad
+    assert float(losses.kl_reference_point(torch.tensor([-9.0]), torch.tensor([-5.0]))) == 0.0
+
+
+# --------------------------------------------------------------------------- lambda, baselines
+
+
+def test_class_weights_balance_the_classes():
+    lp, lm = losses.class_weights(30, 10)
+    assert lp * 30 == pytest.approx(lm * 10) and min(lp, lm) == 1.0
+    lp, lm = losses.class_weights(4, 12)
+    assert lp * 4 == pytest.approx(lm * 12) and lm == 1.0
+    assert losses.class_weights(5, 0) == (1.0, 1.0)
+    assert losses.class_weights(30, 10, "fixed", (0.7, 1.3)) == (0.7, 1.3)
+    with pytest.raises(ValueError):
+        losses.class_weights(3, 4, "odd")
+
+
+def test_dpo_loss_matches_formula_and_prefers_chosen():
+    pc, pr = torch.tensor([-10.0], requires_grad=True), torch.tensor([-12.0], requires_grad=True)
+    rc, rr = torch.tensor([-11.0]), torch.tensor([-11.0])
+    loss = losses.dpo_loss(pc, pr, rc, rr, beta=0.1)
+    assert float(loss) == pytest.approx(-math.log(1 / (1 + math.exp(-0.1 * 2.0))))
+    loss.backward()
+    assert pc.grad < 0 and pr.grad > 0
+
+
+def test_orpo_loss_prefers_chosen():
+    pc = torch.tensor([-20.0], requires_grad=True)
+    pr = torch.tensor([-30.0], requires_grad=True)
+    loss = losses.orpo_loss(pc, pr, torch.tensor([10.0]), torch.tensor([10.0]), alpha=0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and pc.grad < 0 and pr.grad > 0
+
+
+def test_sft_loss_is_token_mean_nll():
+    assert float(losses.sft_loss(torch.tensor([-6.0, -4.0]), torch.tensor([3, 2]))) == pytest.approx(2.0)
+    assert float(losses.sft_loss(torch.tensor([]), torch.tensor([]))) == 0.0
+
+
+def test_best_worst_pairs_per_group():
+    groups = ["a", "a", "a", "b", "b", "c", "d", "d"]
+    weights = [0.1, 1.5, -1.0, 0.2, 0.2, 3.0, -1.0, 0.4]
+    assert losses.best_worst_pairs(groups, weights) == [(1, 2), (7, 6)]
+
+
+def test_reward_stats_margin():
+    stats = losses.reward_stats(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -2.0]), torch.tensor([1.0, -1.0]), 0.5)
+    assert stats == pytest.approx({"rewards_chosen": 0.5, "rewards_rejected": -0.5, "reward_margin": 1.0})
+
+
+# --------------------------------------------------------------------------- LM head and planning
+
+
+def test_tiled_token_logps_match_log_softmax_values_and_gradients():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 37, bias=True).requires_grad_(False)
+    hidden = torch.randn(23, 16, dtype=torch.float32, requires_grad=True)
+    targets = torch.randint(0, 37, (23,))
+    upstream = torch.randn(23)
+    ours = token_logps(hidden, head, targets)
+    (ours * upstream).sum().backward()
+    ours_grad = hidden.grad.clone()
+    hidden.grad = None
+    plain = F.linear(hidden, head.weight, head.bias).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    (plain * upstream).sum().backward()
+    assert torch.allclose(ours, plain, atol=1e-5)
+    assert torch.allclose(ours_grad, hidden.grad, atol=1e-5)
+
+
+def test_plan_batches_covers_each_sample_once_and_is_seeded():
+    batches = plan_batches(19, 8, seed=3)
+    assert sorted(i for b in batches for i in b) == list(range(19))
+    assert [len(b) for b in batches] == [8, 8, 3]
+    assert batches == plan_batches(19, 8, seed=3) and batches != plan_batches(19, 8, seed=4)
+    assert mismatched_partners([4, 9, 2]) == [2, 4, 9]
+
+
+def test_micro_batches_partition_within_budget():
+    lengths = [500, 120, 480, 130, 60, 900, 125, 61]
+    groups = micro_batches(lengths, max_tokens=1000)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        longest = max(lengths[i] for i in group)
+        assert len(group) == 1 or len(group) * longest <= 1000
+        real = sum(lengths[i] for i in group)
+        assert len(group) * longest - real <= 0.1 * real
+    assert [5] in groups  # over half the budget: alone
+    assert any(len(g) > 1 for g in groups)  # short ones share a forward
+
+
+def test_cosine_schedule_warmup_peak_floor():
+    total, peak, floor = 20, 5e-6, 1e-6
+    lrs = [cosine_lr(s, total, peak, floor, 0.1) for s in range(total)]
+    assert lrs[0] == pytest.approx(peak / 2) and lrs[1] == pytest.approx(peak)
+    assert lrs[-1] == pytest.approx(floor)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
