@@ -68,7 +68,7 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class Preset:
-    vocab_size: int
+    vocab_size: int  # target; BPE stops earlier when the project's text has no more frequent pairs
     hidden: int
     heads: int
     kv_heads: int
@@ -101,7 +101,7 @@ PRESETS: dict[str, Preset] = {
     "small": Preset(
         vocab_size=16000, hidden=512, heads=8, kv_heads=4, layers=8, intermediate=1408, window=2048,
         encoder_hidden=256, encoder_layers=4, encoder_heads=4, encoder_intermediate=1024, encoder_positions=8194,
-        seq_len=256, batch=8, general_steps=40, domain_steps=20, general_lr=1e-3, domain_lr=5e-4, threads=None,
+        seq_len=256, batch=4, general_steps=30, domain_steps=15, general_lr=2e-3, domain_lr=1e-3, threads=None,
     ),
 }
 
@@ -237,6 +237,8 @@ def build_model_set(out_dir: str | Path, preset: str = "tiny", force: bool = Fal
     with _file_lock(out_dir.parent / f".{out_dir.name}.lock"):
         if not force and _is_complete(out_dir, fp):
             return ModelSet.at(out_dir)
+        for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed build; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         umask = os.umask(0)
         os.umask(umask)
@@ -347,23 +349,26 @@ def weights_checksum(model_dir: str | Path) -> str:
 # --- the build -------------------------------------------------------------------
 
 
-def _build(out: Path, preset_name: str) -> dict[str, Any]:
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
     import torch
 
-    preset = PRESETS[preset_name]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(preset.threads or threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
     try:
-        return _build_all(out, preset_name, preset)
+        yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
 
 
-def _build_all(out: Path, preset_name: str, preset: Preset) -> dict[str, Any]:
-    import torch
+def _build(out: Path, preset_name: str) -> dict[str, Any]:
+    preset = PRESETS[preset_name]
+    with _torch_threads(preset.threads):
+        return _build_models(out, preset_name, preset)
 
+
+def _build_models(out: Path, preset_name: str, preset: Preset) -> dict[str, Any]:
     started = time.perf_counter()
-    torch.manual_seed(SEED)
     texts = tokenizer_texts()
 
     policy_tok = _train_bpe(texts, preset.vocab_size, CHAT_SPECIAL_TOKENS)
@@ -444,7 +449,6 @@ def _policy_tokenizer(tokenizer: Tokenizer, preset: Preset) -> Any:
         additional_special_tokens=["<|im_start|>"],
         chat_template=CHAT_TEMPLATE,
         model_max_length=preset.window * 4,  # servable length under 4x YaRN
-        padding_side="left",
         clean_up_tokenization_spaces=False,
     )
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from services.judge import report
+from services.judge.client import retry_after_seconds
 from shared.parsing import extract_structured
 from shared.prompts import chat_messages
 
@@ -135,28 +136,51 @@ def _record(policy: str, row: dict, k: int, text: str, finish: str | None = None
     return {
         "policy": policy, "query_id": row["id"], "query": row["query"], "index": k, "response": text,
         "finish_reason": finish, "completion_tokens": tokens, "parsed": extract_structured(text) is not None,
-        "metrics": None, "judge": None, "judge_error": None, "error": error,
+        "metrics": None, "metrics_error": None, "judge": None, "judge_error": None, "error": error,
     }  # fmt: skip
 
 
 async def score(records: list[dict], opts: EvalOptions, tick: Callable[[int], None]) -> None:
-    """Fills ``metrics`` from the reward service, one group per (policy, query)."""
+    """Fills ``metrics`` from the reward service, one group per (policy, query).
+
+    A request the service refuses (e.g. a response over its size limit) is
+    retried group by group; a group that still fails keeps no metrics and
+    records the reason in ``metrics_error``, and the evaluation goes on.
+    """
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in records:
         if r["response"]:
             groups.setdefault((r["policy"], r["query_id"]), []).append(r)
     keys = list(groups)
     step = opts.reward_groups_per_request
+    url = f"{opts.reward_url.rstrip('/')}/v1/score"
+
+    async def post(http: httpx.AsyncClient, chunk: list[tuple[str, str]]) -> None:
+        body = {"groups": [{"query": groups[k][0]["query"], "responses": [r["response"] for r in groups[k]]} for k in chunk]}
+        answer = await _post_with_retry(http, url, body)
+        for key, group in zip(chunk, answer["groups"]):
+            for result in group["results"]:
+                record = groups[key][result["index"]]
+                record["parsed"] = bool(result["parsed"])
+                record["metrics"] = result.get("metrics")
+
     async with httpx.AsyncClient(timeout=opts.request_timeout_s, headers=_headers(opts.reward_api_key)) as http:
         for start in range(0, len(keys), step):
             chunk = keys[start : start + step]
-            body = {"groups": [{"query": groups[k][0]["query"], "responses": [r["response"] for r in groups[k]]} for k in chunk]}
-            answer = await _post_with_retry(http, f"{opts.reward_url.rstrip('/')}/v1/score", body)
-            for key, group in zip(chunk, answer["groups"]):
-                for result in group["results"]:
-                    record = groups[key][result["index"]]
-                    record["parsed"] = bool(result["parsed"])
-                    record["metrics"] = result.get("metrics")
+            try:
+                await post(http, chunk)
+            except (RuntimeError, httpx.HTTPError) as exc:
+                log.warning("event=eval_score_failed groups=%d error=%s", len(chunk), str(exc)[:300])
+                for key in chunk:
+                    error: Exception = exc
+                    if len(chunk) > 1:
+                        try:
+                            await post(http, [key])
+                            continue
+                        except (RuntimeError, httpx.HTTPError) as single:
+                            error = single
+                    for record in groups[key]:
+                        record["metrics_error"] = str(error)[:300]
             tick(len(chunk))
 
 
@@ -165,7 +189,8 @@ async def _post_with_retry(http: httpx.AsyncClient, url: str, body: dict, attemp
     for attempt in range(attempts):
         response = await http.post(url, json=body)
         if response.status_code in (429, 503) and attempt < attempts - 1:
-            delay = float(response.headers.get("retry-after", 2 ** min(attempt, 5)))
+            delay = retry_after_seconds(response.headers)
+            delay = 2.0 ** min(attempt, 5) if delay is None else min(delay, 300.0)
             log.info("event=eval_service_busy url=%s status=%d delay_s=%.1f", url, response.status_code, delay)
             await asyncio.sleep(delay)
             continue
@@ -189,15 +214,19 @@ async def judge(records: list[dict], opts: EvalOptions, tick: Callable[[int], No
     items = [{"instruction": r["query"], "response": _judged_text(r, opts.judge_part)} for r in todo]
     if opts.judge_url:
         step = opts.judge_items_per_request
+        url = f"{opts.judge_url.rstrip('/')}/v1/judge/batch"
         async with httpx.AsyncClient(timeout=opts.request_timeout_s, headers=_headers(opts.judge_api_key)) as http:
             for start in range(0, len(items), step):
-                answer = await _post_with_retry(
-                    http, f"{opts.judge_url.rstrip('/')}/v1/judge/batch", {"items": items[start : start + step]}
-                )
+                chunk = items[start : start + step]
+                try:
+                    answer = await _post_with_retry(http, url, {"items": chunk})
+                except (RuntimeError, httpx.HTTPError) as exc:  # the whole batch failed: record it, go on
+                    log.warning("event=eval_judge_batch_failed items=%d error=%s", len(chunk), str(exc)[:300])
+                    answer = {"items": [{"index": i, "error": f"judge service: {str(exc)[:300]}"} for i in range(len(chunk))]}
                 for item in answer["items"]:
                     record = todo[start + item["index"]]
                     record["judge"], record["judge_error"] = item.get("result"), item.get("error")
-                tick(len(answer["items"]))
+                tick(len(chunk))
         return
     from services.judge.client import JudgeBackendError, JudgeClient
     from services.judge.config import JudgeSettings
@@ -217,13 +246,17 @@ async def judge(records: list[dict], opts: EvalOptions, tick: Callable[[int], No
         await client.close()
 
 
+def _write_records(records: list[dict], out_dir: Path) -> None:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(out_dir) / "responses.jsonl", "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
 def write_outputs(records: list[dict], labels: list[str], opts: EvalOptions, unranked: tuple[str, ...] = ()) -> dict:
     """Tables, plot, per-response records and the summary into ``opts.out_dir``; returns the summary."""
     out = Path(opts.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "responses.jsonl", "w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    _write_records(records, out)
     values = {label: report.summarize([r for r in records if r["policy"] == label]) for label in labels}
     summary = {"policies": values, "options": {"queries": str(opts.queries), "limit": opts.limit, "n": opts.n,
                "temperature": opts.temperature, "top_p": opts.top_p, "max_tokens": opts.max_tokens}}  # fmt: skip
@@ -246,12 +279,14 @@ def write_outputs(records: list[dict], labels: list[str], opts: EvalOptions, unr
         out / "zscores.png", ranked, series, style="lines" if opts.stages else "bars",
         title="Z-score Normalized Metrics" + (" During Training" if opts.stages else " of Different Methods"),
     )  # fmt: skip
-    counts = ["\n## Counts\n", "| Method | responses | parsed | judged | judge errors | mean completion tokens |",
-              "|---|:---:|:---:|:---:|:---:|:---:|"]  # fmt: skip
+    counts = ["\n## Counts\n",
+              "| Method | responses | parsed | metric errors | judged | judge errors | mean completion tokens |",
+              "|---|:---:|:---:|:---:|:---:|:---:|:---:|"]  # fmt: skip
     for label in labels:
         v = values[label]
         tokens = "-" if v["completion_tokens"] is None else f"{v['completion_tokens']:.1f}"
-        counts.append(f"| {label} | {v['responses']} | {v['parsed']} | {v['judged']} | {v['judge_errors']} | {tokens} |")
+        counts.append(f"| {label} | {v['responses']} | {v['parsed']} | {v['metrics_errors']} | {v['judged']} "
+                      f"| {v['judge_errors']} | {tokens} |")  # fmt: skip
     sections += counts + ["\n![z-scores](zscores.png)\n"]
     (out / "report.md").write_text("\n".join(sections))
     return summary
@@ -277,6 +312,7 @@ def run_eval(opts: EvalOptions, progress: bool = True) -> dict:
             for spec in opts.policies:
                 task = bar.add_task(f"generate {spec.label}", total=len(queries))
                 records += await generate(spec, queries, opts, lambda: bar.advance(task))
+            _write_records(records, opts.out_dir)  # a checkpoint: scoring or judging may still fail
             if opts.reference:
                 references = [q for q in queries if isinstance(q.get("response"), str) and q["response"].strip()]
                 records += [_record(REFERENCE_LABEL, q, 0, q["response"]) for q in references]

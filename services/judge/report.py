@@ -150,11 +150,9 @@ def rank_table(
     if improvement_row and len(ranked) >= 2:
         best = min(ranked, key=lambda m: (avg_rank[m], ranked.index(m)))
         baseline = ranked[0]
-        if best != baseline:
-            cells = [f"{best} vs {baseline}"]
-            for c in columns:
-                change = improvement(values[best].get(c.key), values[baseline].get(c.key))
-                cells.append("-" if change is None else f"{change:+.1f}%")
+        changes = [improvement(values[best].get(c.key), values[baseline].get(c.key)) for c in columns]
+        if best != baseline and any(change is not None for change in changes):
+            cells = [f"{best} vs {baseline}"] + ["-" if ch is None else f"{ch:+.1f}%" for ch in changes]
             cells += [""] * (len(header) - len(cells))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -262,6 +260,7 @@ def summarize(records: Sequence[Mapping]) -> dict:
         "parse_rate": len(parsed) / len(records) if records else None,
         "judged": len(judged),
         "judge_errors": sum(1 for r in records if r.get("judge_error")),
+        "metrics_errors": sum(1 for r in records if r.get("metrics_error")),
         "completion_tokens": _mean([r["completion_tokens"] for r in records if r.get("completion_tokens") is not None]),
     }
     for c in AUTOMATIC_COLUMNS:

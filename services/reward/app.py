@@ -181,13 +181,19 @@ def _load_models(state: ServiceState) -> None:
 
 
 def _run_worker(state: ServiceState) -> None:
+    import redis
+
     from services.reward.worker import RewardWorker
     from shared.local_redis import connect
 
     state.loaded.wait()
-    if state.scorer is None or state.stop.is_set():
-        return
-    RewardWorker(connect(state.settings.redis_url), state.scorer.score, state.settings, state.telemetry).run(state.stop)
+    while state.scorer is not None and not state.stop.is_set():
+        try:
+            client = connect(state.settings.redis_url)
+            RewardWorker(client, state.scorer.score, state.settings, state.telemetry).run(state.stop)
+        except redis.RedisError as exc:  # Redis not up yet, or gone: keep trying, the API stays up
+            log.warning("event=worker_redis_unavailable error=%s", exc)
+            state.stop.wait(2.0)
 
 
 def _start(state: ServiceState, target: Any, name: str) -> None:
@@ -241,7 +247,8 @@ def create_app(settings: RewardSettings | None = None) -> FastAPI:
     def ready() -> JSONResponse:
         """Readiness: 200 once the models are loaded, 503 while loading or if loading failed."""
         if state.scorer is not None:
-            body = {"status": "ready", "device": str(state.scorer.device), "dtype": str(state.scorer.dtype)}
+            scorer = state.scorer
+            body = {"status": "ready", "device": str(scorer.device), "dtype": str(scorer.dtype).removeprefix("torch.")}
             return JSONResponse(body)
         status = "failed" if state.load_error else "loading"
         return JSONResponse({"status": status, "error": state.load_error}, status_code=503)

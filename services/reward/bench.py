@@ -203,18 +203,18 @@ def compare(service: list[list[Metrics | None]], naive: list[list[Metrics | None
 
 def run_bench(
     queries: int = 4, responses: int = 8, preset: str = "small", max_doc_tokens: int = 2600,
-    out_dir: Path | None = None, seed: int = 0, naive_batch: int = 8,
+    models_dir: Path | None = None, out_dir: Path | None = None, seed: int = 0, naive_batch: int = 8,
 ) -> dict:  # fmt: skip
     from rich.console import Console
     from rich.table import Table
 
     from services.reward.config import RewardSettings
     from services.reward.scorer import Scorer
-    from shared.tiny_models import ensure_model_set
+    from shared.tiny_models import ModelSet, ensure_model_set
 
     console = Console(stderr=True)
     torch.manual_seed(seed)
-    models = ensure_model_set(preset)
+    models = ModelSet.at(Path(models_dir).resolve()) if models_dir else ensure_model_set(preset)
     settings = RewardSettings(
         policy_model=str(models.policy), general_model=str(models.general), domain_model=str(models.domain),
         embedding_model=str(models.embedding), worker=False,
@@ -239,12 +239,14 @@ def run_bench(
     n = len(doc_tokens)
     fraction = stats.flops / service_s / peak_service
     result = {
+        "models": str(models.root),
         "responses": n,
         "queries": queries,
         "m": responses,
         "doc_tokens_min": min(doc_tokens),
         "doc_tokens_max": max(doc_tokens),
         "doc_tokens_mean": round(sum(doc_tokens) / n, 1),
+        "docs_beyond_window": sum(t >= scorer.window for t in doc_tokens),  # the naive script truncates these
         "window": scorer.window,
         "stride": scorer.stride,
         "dtype": str(scorer.dtype).removeprefix("torch."),

@@ -71,13 +71,17 @@ def bench(
     responses: int = typer.Option(8, min=2, help="m: responses per query"),
     preset: str = typer.Option("small", help="model preset (small: tens of millions of params)"),
     max_doc_tokens: int = typer.Option(2600, help="longest document, in tokens (> the 2048 window)"),
+    models: Path = typer.Option(None, help="an already built model set folder (default: the cached preset set)"),
     out_dir: Path = typer.Option(None, help="run folder for the table and JSON (default: runs/bench-reward-<time>)"),
     seed: int = typer.Option(0),
 ) -> None:
     """Service scoring path vs the script a user would write (fp32 padded perplexity + FlagEmbedding compute_score)."""
     from services.reward.bench import run_bench
 
-    run_bench(queries=queries, responses=responses, preset=preset, max_doc_tokens=max_doc_tokens, out_dir=out_dir, seed=seed)
+    run_bench(
+        queries=queries, responses=responses, preset=preset, max_doc_tokens=max_doc_tokens,
+        models_dir=models, out_dir=out_dir, seed=seed,
+    )  # fmt: skip
 
 
 COMMANDS = {"score": score}

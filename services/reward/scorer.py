@@ -179,6 +179,8 @@ class BgeM3Encoder:
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.model = AutoModel.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa").to(device).eval()
+        if getattr(self.model, "pooler", None) is not None:
+            self.model.pooler = None  # BGE-M3 reads the raw [CLS] state; the pooler would be wasted work
         hidden = self.model.config.hidden_size
         colbert_path, sparse_path = path / "colbert_linear.pt", path / "sparse_linear.pt"
         if not colbert_path.exists() or not sparse_path.exists():
@@ -338,8 +340,14 @@ class Scorer:
         if not parsed:
             return out
         documents = list(dict.fromkeys(p.document for p in parsed))
-        doc_index = {d: i for i, d in enumerate(documents)}
         tokens = self.tokenizer(documents, add_special_tokens=False)["input_ids"]
+        if not all(tokens):  # a document the tokenizer maps to nothing has no L, E or perplexity: unparsed
+            empty = {d for d, t in zip(documents, tokens) if not t}
+            parsed = [p for p in parsed if p.document not in empty]
+            documents, tokens = [d for d in documents if d not in empty], [t for t in tokens if t]
+            if not parsed:
+                return out
+        doc_index = {d: i for i, d in enumerate(documents)}
         ppl_g, ppl_d = self.perplexities(tokens, stats)
         texts = list(dict.fromkeys([groups[p.group][0] for p in parsed] + [p.summary for p in parsed] + documents))
         encoded = dict(zip(texts, self.encoder.encode(texts, self.settings.max_batch_tokens, stats)))

@@ -28,6 +28,10 @@ import torch
 log = logging.getLogger(__name__)
 
 DEFAULTS = {"full": {"epochs": 6, "lr": 2e-3}, "lora": {"epochs": 10, "lr": 5e-3}}
+# A model this small cannot write a coherent long document, so greedy decoding loops inside <answer>
+# and never closes it; trained on sections cut short (closing tags kept), it learns the format itself.
+SMALL_MODEL_PARAMS = 10_000_000
+SMALL_MODEL_SECTION_TOKENS = 48
 
 
 @dataclass
@@ -44,6 +48,7 @@ class SftOptions:
     seed: int = 0
     min_lr_ratio: float = 0.1
     warmup_ratio: float = 0.1
+    section_tokens: int | None = None  # None = auto: SMALL_MODEL_SECTION_TOKENS below SMALL_MODEL_PARAMS, else off
 
 
 def load_examples(path: Path) -> list[tuple[str, str]]:
@@ -55,6 +60,22 @@ def load_examples(path: Path) -> list[tuple[str, str]]:
     if not rows:
         raise ValueError(f"{path}: no examples")
     return rows
+
+
+def condense(response: str, tokenizer: Any, max_tokens: int) -> str:
+    """The tagged response with each section cut to its first ``max_tokens`` tokens (tags kept); untagged: unchanged."""
+    from shared.parsing import extract_structured
+
+    parts = extract_structured(response)
+    if parts is None or max_tokens <= 0:
+        return response
+
+    def cut(text: str) -> str:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+        return tokenizer.decode(ids, skip_special_tokens=True).strip() or text[:1]
+
+    return (f"<summary>{cut(parts.summary)}</summary><outline>{cut(parts.outline)}</outline>"
+            f"<answer>{cut(parts.answer)}</answer>")  # fmt: skip
 
 
 def run_sft(opts: SftOptions) -> dict[str, Any]:
@@ -81,6 +102,12 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
         for param in model.parameters():
             param.requires_grad_(True)
     examples = load_examples(opts.data)
+    section_tokens = opts.section_tokens
+    if section_tokens is None:
+        small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS
+        section_tokens = SMALL_MODEL_SECTION_TOKENS if small else 0
+    if section_tokens:
+        examples = [(q, condense(r, tokenizer, section_tokens)) for q, r in examples]
     encode = Encoder(tokenizer, opts.max_length)
     seqs = [encode(q, r) for q, r in examples]
     batches = [b for e in range(epochs) for b in plan_batches(len(seqs), opts.batch_size, opts.seed + e)]
@@ -116,7 +143,7 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
     model.config.max_position_embeddings = native.max_position_embeddings
     model.config.use_cache = True
     summary = {"base": str(base), "mode": opts.mode, "epochs": epochs, "lr": lr, "steps": len(batches),
-               "examples": len(seqs), "final_loss": losses[-1] if losses else float("nan"),
+               "examples": len(seqs), "section_tokens": section_tokens, "final_loss": losses[-1] if losses else float("nan"),
                "first_loss": losses[0] if losses else float("nan"), "seconds": round(seconds, 2)}  # fmt: skip
     _save_policy(model, tokenizer, Path(opts.out), summary)
     log.info("event=sft_done out=%s %s", opts.out, " ".join(f"{k}={v}" for k, v in summary.items()))

@@ -9,6 +9,7 @@ import pytest
 
 from services.reward.state import IterationState
 from services.reward.worker import RewardWorker, weighted_samples
+from shared.local_redis import free_port
 from shared.process import ServiceProcess
 from shared.schemas import STREAM_ROLLOUTS, STREAM_SAMPLES, IterationComplete, RolloutGroup, WeightedSample, decode_message
 from shared.streams import publish
@@ -144,15 +145,17 @@ def test_worker_killed_mid_iteration_and_restarted_publishes_each_sample_once(re
         "GRACE_REWARD_BLOCK_MS": "100",
         "GRACE_REWARD_DTYPE": "fp32",
     }
-    command = [sys.executable, "-m", "shared.cli", "serve", "reward", "--worker-only"]
+    serve = [sys.executable, "-m", "shared.cli", "serve", "reward"]
 
-    def worker(name: str) -> ServiceProcess:
-        process = ServiceProcess(name, command, tmp_path / f"{name}.log", env={**env, "GRACE_REWARD_CONSUMER_NAME": name}, cwd=ROOT)
+    def worker(name: str, args: list[str]) -> ServiceProcess:
+        env_named = {**env, "GRACE_REWARD_CONSUMER_NAME": name}
+        process = ServiceProcess(name, serve + args, tmp_path / f"{name}.log", env=env_named, cwd=ROOT)
         process.start()
         return process
 
     state = IterationState(redis_client, "r4", 2)
-    first = worker("doomed")
+    # first: the worker thread inside the HTTP service (the default); then: a worker-only process
+    first = worker("doomed", ["--host", "127.0.0.1", "--port", str(free_port())])
     try:
         wait_for(lambda: state.scored_count() >= 2, 180, "the first worker to score some groups")
     finally:
@@ -160,7 +163,7 @@ def test_worker_killed_mid_iteration_and_restarted_publishes_each_sample_once(re
     assert state.scored_count() < 6 and not published(redis_client)[1]  # killed mid-iteration
     publish(redis_client, STREAM_ROLLOUTS, groups[5])
     publish(redis_client, STREAM_ROLLOUTS, IterationComplete(run_id="r4", iteration=2, stage="rollout", count=6))
-    second = worker("survivor")  # another name: it must reclaim what the dead one left pending
+    second = worker("survivor", ["--worker-only"])  # another name: it must reclaim what the dead one left pending
     try:
         wait_for(lambda: published(redis_client)[1], 180, "the restarted worker to finalize")
         wait_for(lambda: redis_client.xpending(STREAM_ROLLOUTS, "reward")["pending"] == 0, 30, "all entries acked")

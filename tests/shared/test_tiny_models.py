@@ -18,6 +18,7 @@ from shared.tiny_models import (
     MARKER,
     STRUCTURE_TAGS,
     ModelSet,
+    _render_chat,
     build_model_set,
     ensure_model_set,
     fingerprint,
@@ -115,6 +116,7 @@ def test_chat_template_renders_chatml_with_generation_prompt(policy_tokenizer):
     )
     without = policy_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     assert not without.endswith("assistant\n")
+    assert without == _render_chat(messages)  # the pretraining text uses the same format
 
 
 def test_every_loader_sees_the_same_ids(cli_set, policy_tokenizer):

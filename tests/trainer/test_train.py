@@ -1,0 +1,116 @@
+"""Training on the tiny model: weights steer log-probs, padding-free batching is exact, adapters load in peft."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from services.trainer.model import Sequence, load_adapter_weights, reset_adapter, save_adapter, sequence_logps
+from services.trainer.train import Trainer
+from shared.schemas import WeightedSample
+
+HIGH_WORDS = "reform governance capital strategy supervision enterprise".split()
+LOW_WORDS = "banana weather holiday guitar football pizza".split()
+
+
+def _sample(i: int, group: int, weight: float, words: list[str], rng: random.Random) -> WeightedSample:
+    text = " ".join(rng.choice(words) for _ in range(rng.randint(12, 30)))
+    return WeightedSample(
+        run_id="t", iteration=0, sample_id=f"g{group}:{i}", group_id=f"g{group}", response_index=i,
+        query=f"Write a report on topic {group}", response=f"<summary>{text}</summary><outline>1. a</outline><answer>{text}</answer>",
+        weight=weight, label="desirable" if weight >= 0 else "undesirable", parsed=True,
+    )  # fmt: skip
+
+
+def _logps(trainer: Trainer, samples: list[WeightedSample]) -> torch.Tensor:
+    return trainer.logps([trainer.encode(s.query, s.response) for s in samples])
+
+
+def test_short_training_raises_high_weight_samples_relative_to_low_weight(trainer_policy):
+    model, tokenizer, runtime, settings = trainer_policy
+    settings = settings.model_copy(update={"batch_size": 4, "epochs": 3, "learning_rate": 5e-3, "beta": 0.1, "sft_weight": 0.0})
+    rng = random.Random(0)
+    samples, kinds = [], []
+    for group in range(4):
+        for i, (weight, words) in enumerate([(2.0, HIGH_WORDS), (0.2, HIGH_WORDS[::-1]), (-0.2, LOW_WORDS[::-1]), (-2.0, LOW_WORDS)]):
+            samples.append(_sample(i, group, weight, words, rng))
+            kinds.append(weight)
+    trainer = Trainer(model, tokenizer, settings, runtime, loss="grace_kto")
+    before = _logps(trainer, samples)
+    result = trainer.train(samples, iteration=0)
+    delta = _logps(trainer, samples) - before
+
+    def mean(weight: float) -> float:
+        return float(delta[[k == weight for k in kinds]].mean())
+
+    assert result.steps == 12 and len(result.metrics) == 12
+    assert mean(2.0) > 0 > mean(-2.0), "desirable log-probs rise, undesirable fall"
+    assert mean(2.0) - mean(-2.0) > mean(0.2) - mean(-0.2) > 0, "a larger |W| moves further"
+    row = result.metrics[-1]
+    for key in ("loss", "z_ref", "lr", "reward_margin", "weight_abs_mean", "weight_abs_max", "grad_norm"):
+        assert key in row
+    assert result.metrics[0]["lr"] < result.metrics[1]["lr"]  # warm-up
+
+
+def test_padding_free_micro_batches_equal_single_sequences(trainer_policy):
+    model, tokenizer, runtime, _ = trainer_policy
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    seqs = [Sequence(ids=list(range(3, 3 + n)), prompt_len=p) for n, p in [(40, 10), (25, 20), (33, 5)]]
+    together = sequence_logps(model, seqs, tokenizer.pad_token_id, runtime)
+    alone = torch.cat([sequence_logps(model, [s], tokenizer.pad_token_id, runtime) for s in seqs])
+    assert torch.allclose(together, alone, atol=1e-4)
+    # the gradient of a summed loss is the same either way
+    together.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for s in seqs:
+        sequence_logps(model, [s], tokenizer.pad_token_id, runtime).sum().backward()
+    for name, param in model.named_parameters():
+        if name in grads:
+            assert torch.allclose(param.grad, grads[name], atol=1e-4), name
+
+
+def test_adapter_round_trip_through_files_and_peft(trainer_policy, tmp_path):
+    from peft import PeftModel
+
+    from services.trainer.model import load_base
+
+    model, tokenizer, runtime, settings = trainer_policy
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.2)
+    seqs = [Sequence(ids=list(range(5, 60)), prompt_len=20)]
+    expected = sequence_logps(model, seqs, 0, runtime).detach()
+    save_adapter(model, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+    peft_model = PeftModel.from_pretrained(load_base(settings.policy_model, runtime, settings.yarn_factor), tmp_path / "adapter")
+    assert torch.allclose(sequence_logps(peft_model, seqs, 0, runtime), expected, atol=1e-5)
+
+    reset_adapter(model, seed=1)
+    reset = sequence_logps(model, seqs, 0, runtime).detach()
+    with model.disable_adapter():
+        base = sequence_logps(model, seqs, 0, runtime).detach()
+    assert torch.allclose(reset, base, atol=1e-6), "a reset adapter equals the reference"
+    load_adapter_weights(model, tmp_path / "adapter")
+    assert torch.allclose(sequence_logps(model, seqs, 0, runtime), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["kto", "dpo", "orpo", "sft"])
+def test_baselines_train_and_report(trainer_policy, loss):
+    model, tokenizer, runtime, settings = trainer_policy
+    rng = random.Random(1)
+    samples = [_sample(i, g, w, HIGH_WORDS if w >= 0 else LOW_WORDS, rng) for g in range(2) for i, w in enumerate([1.0, -0.5, 0.3, -1.2])]
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    result = Trainer(model, tokenizer, settings.model_copy(update={"batch_size": 4}), runtime, loss=loss).train(samples)
+    after = [p.detach() for p in model.parameters() if p.requires_grad]
+    assert result.steps >= 1 and all(torch.isfinite(torch.tensor(m["loss"])) for m in result.metrics)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after)), "the adapter must change"
+    if loss in ("dpo", "orpo"):
+        assert result.samples == 4  # one best-vs-worst pair per group
