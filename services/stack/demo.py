@@ -21,7 +21,7 @@ from shared.runs import RunConfig
 # The tiny policy needs larger steps than the paper's 5e-6 for one short
 # iteration to move it visibly, and short responses keep 2 cores fast.
 DEMO_SERVICE_SETTINGS = {
-    "rollout": {"max_tokens": 768},
+    "rollout": {"max_tokens": 1280},
     "trainer": {"lora_rank": 16, "lora_alpha": 32, "learning_rate": 2e-4, "min_learning_rate": 2e-5},
 }
 
@@ -35,7 +35,7 @@ class DemoOptions:
     responses: int = 4
     loss: str = "grace_kto"
     eval_limit: int = 6
-    eval_max_tokens: int = 384
+    eval_max_tokens: int = 1280
 
 
 def sft_policy(work_dir: Path, console: Console) -> Path:

@@ -313,9 +313,9 @@ class Trainer:
                 if s.sft_weight > 0 and positive_tokens > 0 and bool(positive.any()):
                     sft = -logps[positive].sum() / positive_tokens  # token-mean NLL over the batch's positives
                     loss = loss + s.sft_weight * sft
-                    sft_sum += float(sft)
+                    sft_sum += float(sft.detach())
                 optimizer.backward(loss)
-                kto_sum += float(terms.sum()) / len(mine)
+                kto_sum += float(terms.detach().sum()) / len(mine)
                 batch_logps[list(group)] = logps.detach().float().cpu()
             # 4. optimizer step
             lr = lr_at(step)
@@ -376,7 +376,7 @@ class Trainer:
                     tr = torch.tensor([seqs[i].response_len for i in rejected], device=device, dtype=torch.float32)
                     loss = losses.orpo_loss(pc, pr, tc, tr, s.orpo_alpha) * len(group) / len(mine)
                 optimizer.backward(loss)
-                loss_sum += float(loss)
+                loss_sum += float(loss.detach())
             lr = lr_at(step)
             grad_norm = optimizer.step(lr)
             tokens = sum(len(seqs[i].ids) for pair in mine for i in pair)
@@ -412,7 +412,7 @@ class Trainer:
                 logps = self._grad_logps([seqs[mine[g]] for g in group])
                 loss = -logps.sum() / total
                 optimizer.backward(loss)
-                loss_sum += float(loss)
+                loss_sum += float(loss.detach())
             lr = lr_at(step)
             grad_norm = optimizer.step(lr)
             tokens = sum(len(seqs[i].ids) for i in mine)

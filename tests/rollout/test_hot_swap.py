@@ -157,3 +157,19 @@ def test_every_replica_receives_every_adapter_event(rollout_service, lora_factor
         manager.http.close()
     assert wait_adapter_status(rollout_service.redis_url, version).status == "loaded"  # the service's own replica too
     client.close()
+
+
+def test_a_new_replica_catches_up_to_the_newest_adapter_before_serving(rollout_service, lora_factory, publish_adapter):
+    first, last = _unique("catchup-1"), _unique("catchup-2")
+    for version, seed in ((first, 51), (last, 52)):
+        _swap(rollout_service, lora_factory, publish_adapter, version, seed)
+    client = redis.Redis.from_url(rollout_service.redis_url)
+    manager = AdapterManager(client, AdapterRegistry("base"), rollout_service.vllm_url,
+                             adapter_root=rollout_service.adapter_root, replica=_unique("late-replica"), max_rank=16)  # fmt: skip
+    try:
+        assert manager.catch_up() >= 2
+        assert manager.registry.current.version == last  # what the running replica serves too
+        assert rollout_service.admin()["current"]["version"] == last
+    finally:
+        manager.http.close()
+        client.close()

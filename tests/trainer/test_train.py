@@ -13,6 +13,13 @@ from shared.schemas import WeightedSample
 
 HIGH_WORDS = "reform governance capital strategy supervision enterprise".split()
 LOW_WORDS = "banana weather holiday guitar football pizza".split()
+# one vocabulary per weight class, so each class's log-probs move on their own
+CLASS_WORDS = {
+    2.0: HIGH_WORDS,
+    0.2: "market report policy outline summary budget".split(),
+    -0.2: "river mountain forest ocean desert island".split(),
+    -2.0: LOW_WORDS,
+}
 
 
 def _sample(i: int, group: int, weight: float, words: list[str], rng: random.Random) -> WeightedSample:
@@ -30,11 +37,11 @@ def _logps(trainer: Trainer, samples: list[WeightedSample]) -> torch.Tensor:
 
 def test_short_training_raises_high_weight_samples_relative_to_low_weight(trainer_policy):
     model, tokenizer, runtime, settings = trainer_policy
-    settings = settings.model_copy(update={"batch_size": 4, "epochs": 3, "learning_rate": 5e-3, "beta": 0.1, "sft_weight": 0.0})
+    settings = settings.model_copy(update={"batch_size": 4, "epochs": 2, "learning_rate": 1e-3, "beta": 0.1, "sft_weight": 0.0})
     rng = random.Random(0)
     samples, kinds = [], []
-    for group in range(4):
-        for i, (weight, words) in enumerate([(2.0, HIGH_WORDS), (0.2, HIGH_WORDS[::-1]), (-0.2, LOW_WORDS[::-1]), (-2.0, LOW_WORDS)]):
+    for group in range(2):
+        for i, (weight, words) in enumerate(CLASS_WORDS.items()):
             samples.append(_sample(i, group, weight, words, rng))
             kinds.append(weight)
     trainer = Trainer(model, tokenizer, settings, runtime, loss="grace_kto")
@@ -45,13 +52,13 @@ def test_short_training_raises_high_weight_samples_relative_to_low_weight(traine
     def mean(weight: float) -> float:
         return float(delta[[k == weight for k in kinds]].mean())
 
-    assert result.steps == 12 and len(result.metrics) == 12
+    assert result.steps == 4 and len(result.metrics) == 4
     assert mean(2.0) > 0 > mean(-2.0), "desirable log-probs rise, undesirable fall"
     assert mean(2.0) - mean(-2.0) > mean(0.2) - mean(-0.2) > 0, "a larger |W| moves further"
     row = result.metrics[-1]
     for key in ("loss", "z_ref", "lr", "reward_margin", "weight_abs_mean", "weight_abs_max", "grad_norm"):
         assert key in row
-    assert result.metrics[0]["lr"] < result.metrics[1]["lr"]  # warm-up
+    assert result.metrics[-1]["lr"] < result.metrics[0]["lr"]  # cosine decay
 
 
 def test_padding_free_micro_batches_equal_single_sequences(trainer_policy):
