@@ -235,7 +235,8 @@ def create_app(settings: RewardSettings | None = None) -> FastAPI:
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
         response = await call_next(request)
-        telemetry.requests.labels(request.url.path, str(response.status_code)).inc()
+        route = request.scope.get("route")  # the route template, so labels stay bounded
+        telemetry.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
         return response
 
     @app.get("/health", tags=["ops"])

@@ -67,11 +67,13 @@ def score(
 
 
 def bench(
-    queries: int = typer.Option(4, min=1, help="queries (x responses each) in the workload"),
+    queries: int = typer.Option(2, min=1, help="queries (x m responses each) in the workload"),
     responses: int = typer.Option(8, min=2, help="m: responses per query"),
     preset: str = typer.Option("small", help="model preset (small: tens of millions of params)"),
     max_doc_tokens: int = typer.Option(2600, help="longest document, in tokens (> the 2048 window)"),
     models: Path = typer.Option(None, help="an already built model set folder (default: the cached preset set)"),
+    dtype: str = typer.Option("auto", help="service path dtype: auto (bf16 where the CPU has it), bf16, fp32"),
+    threads: int = typer.Option(0, min=0, help="torch threads for both paths (0 = torch default; 1 is best on a busy machine)"),
     out_dir: Path = typer.Option(None, help="run folder for the table and JSON (default: runs/bench-reward-<time>)"),
     seed: int = typer.Option(0),
 ) -> None:
@@ -80,7 +82,7 @@ def bench(
 
     run_bench(
         queries=queries, responses=responses, preset=preset, max_doc_tokens=max_doc_tokens,
-        models_dir=models, out_dir=out_dir, seed=seed,
+        models_dir=models, dtype=dtype, threads=threads or None, out_dir=out_dir, seed=seed,
     )  # fmt: skip
 
 

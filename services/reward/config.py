@@ -29,7 +29,7 @@ class RewardSettings(ServiceSettings):
         2, ge=1, description="n of the token n-grams in E (eq. 2; the paper leaves n open, distinct-2 is the usual choice)"
     )
     ppl_window: int | None = Field(None, ge=8, description="perplexity window in tokens (unset = model's native window)")
-    ppl_stride: int | None = Field(None, ge=1, description="sliding-window stride (unset = window // 2)")
+    ppl_stride: int | None = Field(None, ge=1, description="sliding-window stride (unset = 3/4 of the window)")
     encoder_max_length: int | None = Field(None, ge=8, description="BGE-M3 input limit (unset = encoder's window)")
     max_batch_tokens: int = Field(16384, ge=256, description="padded tokens per forward batch")
     logits_chunk: int = Field(2048, ge=64, description="target tokens per LM-head chunk (bounds logits memory)")

@@ -159,8 +159,8 @@ class CausalScorer:
                 nll[lo : lo + chunk] = F.cross_entropy(logits, targets[lo : lo + chunk], reduction="none")
             sums = torch.zeros(len(batch), dtype=torch.float64, device=self.device)
             sums.index_add_(0, rows_t, nll.double())
-            for r, s in enumerate(batch):
-                out[s] = float(sums[r])
+            for s, value in zip(batch, sums.tolist()):
+                out[s] = value
             real = sum(len(segments[s][0]) for s in batch)
             stats.lm_tokens += real
             stats.lm_padded_tokens += width * len(batch)
@@ -217,7 +217,9 @@ class BgeM3Encoder:
                 ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
                 mask[r, : len(encoded[i])] = 1
             ids, mask = ids.to(self.device), mask.to(self.device)
-            states = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            padded = any(len(encoded[i]) < width for i in batch)
+            # without padding no mask is needed, and SDPA can take its fused kernel
+            states = self.model(input_ids=ids, attention_mask=mask if padded else None).last_hidden_state
             dense = F.normalize(states[:, 0].float(), dim=-1)  # eq. 13: [CLS]
             weights = torch.relu(self.sparse(states)).squeeze(-1).float().cpu()  # eq. 14
             colbert = F.normalize(self.colbert(states[:, 1:]).float(), dim=-1)  # eq. 15, [CLS] left out
@@ -269,7 +271,9 @@ class Scorer:
         self.domain = CausalScorer(self.models.domain, self.device, self.dtype)
         self.encoder = BgeM3Encoder(self.models.embedding, self.device, self.dtype, settings.encoder_max_length)
         self.window = settings.ppl_window or native_window(self.models.general)
-        self.stride = settings.ppl_stride or self.window // 2
+        # 3/4 window: every scored token past the first window keeps >= window/4 tokens of context,
+        # and a document just past the window costs 1/3 more compute, not double
+        self.stride = settings.ppl_stride or max(self.window * 3 // 4, 1)
         M.sliding_windows(self.window, self.window, self.stride)  # validates window / stride
         self.prefix_id = self._prefix_token()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.prefix_id
@@ -340,7 +344,7 @@ class Scorer:
         if not parsed:
             return out
         documents = list(dict.fromkeys(p.document for p in parsed))
-        tokens = self.tokenizer(documents, add_special_tokens=False)["input_ids"]
+        tokens = self.tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]
         if not all(tokens):  # a document the tokenizer maps to nothing has no L, E or perplexity: unparsed
             empty = {d for d, t in zip(documents, tokens) if not t}
             parsed = [p for p in parsed if p.document not in empty]

@@ -276,6 +276,8 @@ def _report(results: list[dict], out_dir: Path) -> None:
 
 def run_bench(config: BenchConfig) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for name in ("httpx", "httpx2"):  # one INFO line per request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
     results = []
     for preset in config.presets:
         log.info("event=bench_preset_start preset=%s", preset)

@@ -42,7 +42,7 @@ class RolloutSettings(ServiceSettings):
     enable_lora: bool = True
     max_lora_rank: int = Field(64, description="largest adapter rank accepted (paper: 64)")
     max_loras: int = Field(3, description="adapters active in one batch: >= 2 so old and new overlap during a swap")
-    kv_cache_bytes: str | None = Field("256M", description="--kv-cache-memory-bytes (CPU needs it; unset on GPU = use memory fraction)")
+    kv_cache_bytes: str | None = Field(None, description="--kv-cache-memory-bytes (unset: 256M on CPU, which needs it; the memory fraction on GPU)")
     gpu_memory_utilization: float = Field(0.9, description="GPU only, when kv_cache_bytes is unset")
     tensor_parallel_size: int = Field(1, description="GPU only: shards the model across this many GPUs")
     enable_prefix_caching: bool = True
@@ -69,7 +69,7 @@ class RolloutSettings(ServiceSettings):
     generation_temperature: float = 1.0
     generation_max_tokens: int = 1024
     generation_json_list: bool = Field(
-        False, description="constrain the generator to a JSON list of strings (vLLM structured outputs; helps small generators)"
+        False, description="constrain the generator to a list literal of quoted strings (vLLM structured outputs regex)"
     )
     min_query_chars: int = Field(8, description="shorter generated queries are dropped")
     max_query_chars: int = Field(4000, description="longer generated queries are dropped")

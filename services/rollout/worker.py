@@ -67,6 +67,13 @@ class IterationResult:
     seconds: float = 0.0
 
 
+def query_list_regex(settings: RolloutSettings) -> str:
+    """A compact list literal of 1..examples_per_prompt quoted queries (a regex, not a JSON schema:
+    schema-guided decoding lets a weak model pad with whitespace until max_tokens)."""
+    item = rf'"[^"\\\n]{{{settings.min_query_chars},{settings.max_query_chars}}}"'  # no quote, backslash, newline
+    return rf"\[{item}(, {item}){{0,{settings.examples_per_prompt - 1}}}\]"
+
+
 def load_queries(path: str | Path) -> list[SeedQuery]:
     """A JSONL query file ({"query", "lang", "id", ...} per line)."""
     out = []
@@ -163,11 +170,7 @@ class RolloutWorker:
         prompt = query_generation_prompt([e.query for e in examples], prompt_lang(examples, settings.query_lang))
         extra = {}
         if settings.generation_json_list:  # a JSON list of strings is also the Python list the prompt asks for
-            schema = {
-                "type": "array", "minItems": 1, "maxItems": 16,
-                "items": {"type": "string", "minLength": settings.min_query_chars, "maxLength": settings.max_query_chars},
-            }  # fmt: skip
-            extra["structured_outputs"] = {"json": schema}
+            extra["structured_outputs"] = {"regex": query_list_regex(settings)}
         try:
             reply = await self.generator.chat.completions.create(
                 model=self.generator_model,

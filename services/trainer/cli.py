@@ -39,13 +39,15 @@ def bench(
     precision: str = typer.Option("fp32", help="fp32 or bf16 (the same for every method)"),
     lora_rank: int = typer.Option(64, help="LoRA rank (paper: 64)"),
     threads: int = typer.Option(0, help="torch threads per method (0 = torch default)"),
+    micro_batch_tokens: int = typer.Option(2048, help="GRACE-KTO/DPO padded tokens per forward"),
     out: Path = typer.Option(None, help="folder for bench.json and the table (default: <run_root>/bench-trainer)"),
 ) -> None:
     """One GRACE-KTO epoch vs TRL's KTOTrainer (speed, peak memory) and vs DPO (peak memory), same run."""
     from services.trainer.bench import BenchOptions, run_bench
 
     run_bench(BenchOptions(preset=preset, samples=samples, batch_size=batch_size, min_tokens=min_tokens,
-                           max_tokens=max_tokens, precision=precision, lora_rank=lora_rank, threads=threads, out=out))  # fmt: skip
+                           max_tokens=max_tokens, precision=precision, lora_rank=lora_rank, threads=threads,
+                           micro_batch_tokens=micro_batch_tokens, out=out))  # fmt: skip
 
 
 def sft(
@@ -53,18 +55,22 @@ def sft(
     out: Path = typer.Option(..., help="folder of the starting policy (merged model + tokenizer, safetensors)"),
     base: str = typer.Option(None, help="base model folder (default: GRACE_TRAINER_POLICY_MODEL or the tiny policy)"),
     mode: str = typer.Option("full", help="full (all parameters, the paper's SFT) or lora (merged after training)"),
-    epochs: int = typer.Option(None, help="passes over the data (default: per mode, see services/trainer/sft.py)"),
-    lr: float = typer.Option(None, help="peak learning rate (default: per mode)"),
+    epochs: int = typer.Option(None, help="passes over the data (default: 1 as the paper; 50 for models under 10M parameters)"),
+    lr: float = typer.Option(None, help="peak learning rate (default: 1e-6 full / 1e-4 LoRA as the paper; 1e-2 under 10M parameters)"),
     max_steps: int = typer.Option(None, help="stop after this many optimizer steps"),
-    batch_size: int = typer.Option(8, help="examples per step"),
+    batch_size: int = typer.Option(None, help="examples per step (default: 8; 4 under 10M parameters)"),
     max_length: int = typer.Option(2048, help="longest example in tokens (longer responses are cut)"),
+    section_tokens: int = typer.Option(
+        None, help="cut each tagged section to N tokens (0 = off; default: 16 for models under 10M parameters, else off)"
+    ),
     seed: int = typer.Option(0),
 ) -> None:
     """Supervised fine-tuning under the 3.1 system prompt (loss on response tokens): the starting policy."""
     from services.trainer.sft import SftOptions, run_sft
 
     result = run_sft(SftOptions(data=data, out=out, base=base, mode=mode, epochs=epochs, lr=lr, max_steps=max_steps,
-                                batch_size=batch_size, max_length=max_length, seed=seed))  # fmt: skip
+                                batch_size=batch_size, max_length=max_length, seed=seed,
+                                section_tokens=section_tokens))  # fmt: skip
     typer.echo(f"policy {result['out']} steps={result['steps']} final_loss={result['final_loss']:.4f}")
 
 

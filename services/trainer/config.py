@@ -78,6 +78,9 @@ class TrainerSettings(ServiceSettings):
     read_count: int = Field(256, ge=1, description="stream entries read per call")
     block_ms: int = Field(1000, ge=0, description="how long one read blocks")
     min_idle_ms: int = Field(60_000, ge=0, description="entries pending this long on a dead consumer are taken over")
+    lock_ttl_s: int = Field(
+        3600, ge=10, description="an iteration a trainer holds is taken over by another trainer after this long"
+    )
     max_iterations: int | None = Field(None, ge=1, description="stop after training this many iterations (unset = run forever)")
 
     def lora_scale(self) -> float:

@@ -275,7 +275,13 @@ def token_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tens
     if weight.requires_grad or (bias is not None and bias.requires_grad):  # full fine-tuning: plain autograd
         logits = F.linear(hidden, weight, bias).float()
         return logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-    return _TokenLogProb.apply(hidden, weight, bias, targets)
+    gather = contextlib.nullcontext()
+    if hasattr(weight, "ds_id"):  # ZeRO-3 shards the head; the head's own forward hook is bypassed here
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters([p for p in (weight, bias) if p is not None])
+    with gather:
+        return _TokenLogProb.apply(hidden, weight, bias, targets)
 
 
 @dataclass

@@ -27,11 +27,19 @@ import torch
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"full": {"epochs": 6, "lr": 2e-3}, "lora": {"epochs": 10, "lr": 5e-3}}
-# A model this small cannot write a coherent long document, so greedy decoding loops inside <answer>
-# and never closes it; trained on sections cut short (closing tags kept), it learns the format itself.
+# Paper 4.1: full-parameter SFT, one epoch, lr 1e-6 (LoRA SFT: a LoRA-sized lr).
+PAPER_DEFAULTS = {
+    "full": {"epochs": 1, "lr": 1e-6, "batch_size": 8, "section_tokens": 0},
+    "lora": {"epochs": 1, "lr": 1e-4, "batch_size": 8, "section_tokens": 0},
+}
+# Models under SMALL_MODEL_PARAMS (the local tiny preset) need far more updates, and short sections:
+# such a model cannot write a coherent long document, so on full-length examples its greedy output loops
+# inside <answer> and never closes it; on sections cut to 16 tokens (closing tags kept) it learns the format.
 SMALL_MODEL_PARAMS = 10_000_000
-SMALL_MODEL_SECTION_TOKENS = 48
+SMALL_MODEL_DEFAULTS = {
+    "full": {"epochs": 50, "lr": 1e-2, "batch_size": 4, "section_tokens": 16},
+    "lora": {"epochs": 50, "lr": 1e-2, "batch_size": 4, "section_tokens": 16},
+}
 
 
 @dataclass
@@ -40,15 +48,16 @@ class SftOptions:
     data: Path = Path("data/sft.jsonl")
     base: str | None = None
     mode: str = "full"
+    # None = the default for the model's size (PAPER_DEFAULTS or SMALL_MODEL_DEFAULTS)
     epochs: int | None = None
     lr: float | None = None
+    batch_size: int | None = None
+    section_tokens: int | None = None
     max_steps: int | None = None
-    batch_size: int = 8
     max_length: int = 2048
     seed: int = 0
     min_lr_ratio: float = 0.1
     warmup_ratio: float = 0.1
-    section_tokens: int | None = None  # None = auto: SMALL_MODEL_SECTION_TOKENS below SMALL_MODEL_PARAMS, else off
 
 
 def load_examples(path: Path) -> list[tuple[str, str]]:
@@ -84,15 +93,19 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
     from services.trainer.model import base_model_path, load_base, load_tokenizer, lora_config, model_config, resolve_runtime, sequence_logps
     from services.trainer.train import Encoder
 
-    if opts.mode not in DEFAULTS:
+    if opts.mode not in PAPER_DEFAULTS:
         raise ValueError(f"mode must be full or lora, not {opts.mode!r}")
-    epochs = opts.epochs or DEFAULTS[opts.mode]["epochs"]
-    lr = opts.lr or DEFAULTS[opts.mode]["lr"]
     settings = TrainerSettings(**({"policy_model": opts.base} if opts.base else {}))
     runtime = resolve_runtime(settings.model_copy(update={"quantization": "none"}))  # SFT trains full weights
     base = base_model_path(settings)
     tokenizer = load_tokenizer(base)
     model = load_base(base, runtime, settings.yarn_factor)
+    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS
+    defaults = (SMALL_MODEL_DEFAULTS if small else PAPER_DEFAULTS)[opts.mode]
+    epochs = opts.epochs or defaults["epochs"]
+    lr = opts.lr or defaults["lr"]
+    batch_size = opts.batch_size or defaults["batch_size"]
+    section_tokens = defaults["section_tokens"] if opts.section_tokens is None else opts.section_tokens
     if opts.mode == "lora":
         from peft import get_peft_model
 
@@ -102,15 +115,11 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
         for param in model.parameters():
             param.requires_grad_(True)
     examples = load_examples(opts.data)
-    section_tokens = opts.section_tokens
-    if section_tokens is None:
-        small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS
-        section_tokens = SMALL_MODEL_SECTION_TOKENS if small else 0
     if section_tokens:
         examples = [(q, condense(r, tokenizer, section_tokens)) for q, r in examples]
     encode = Encoder(tokenizer, opts.max_length)
     seqs = [encode(q, r) for q, r in examples]
-    batches = [b for e in range(epochs) for b in plan_batches(len(seqs), opts.batch_size, opts.seed + e)]
+    batches = [b for e in range(epochs) for b in plan_batches(len(seqs), batch_size, opts.seed + e)]
     if opts.max_steps:
         batches = batches[: opts.max_steps]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -142,7 +151,7 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
     model.config.rope_parameters = native.rope_parameters
     model.config.max_position_embeddings = native.max_position_embeddings
     model.config.use_cache = True
-    summary = {"base": str(base), "mode": opts.mode, "epochs": epochs, "lr": lr, "steps": len(batches),
+    summary = {"base": str(base), "mode": opts.mode, "epochs": epochs, "lr": lr, "batch_size": batch_size, "steps": len(batches),
                "examples": len(seqs), "section_tokens": section_tokens, "final_loss": losses[-1] if losses else float("nan"),
                "first_loss": losses[0] if losses else float("nan"), "seconds": round(seconds, 2)}  # fmt: skip
     _save_policy(model, tokenizer, Path(opts.out), summary)

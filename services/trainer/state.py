@@ -7,7 +7,9 @@ Keys (``<run>`` = the samples' run id):
   (a redelivered sample overwrites itself: duplicates collapse by id);
 - ``grace:trainer:<run>:expected``: hash iteration -> count from IterationComplete(stage="reward");
 - ``grace:trainer:<run>:done``: hash iteration -> JSON record of the trained adapter;
-- ``grace:trainer:<run>:published``: set of adapter versions whose event was published.
+- ``grace:trainer:<run>:published``: set of adapter versions whose event was published;
+- ``grace:trainer:<run>:lock:<iteration>``: the consumer training it (expires, so a dead
+  trainer's iteration is taken over; the same consumer name retakes it at once after a restart).
 
 A stream entry is acked in the same MULTI/EXEC transaction that stores it,
 so a crash either keeps both or neither.
@@ -80,6 +82,22 @@ class TrainerState:
             return None
         iteration = pending[0]
         return iteration, self.expected(run_id)[iteration], self.sample_count(run_id, iteration)
+
+    # ---- one trainer per iteration
+
+    def acquire(self, run_id: str, iteration: int, owner: str, ttl_s: int) -> bool:
+        key = self._key(run_id, f"lock:{iteration}")
+        if self.client.set(key, owner, nx=True, ex=ttl_s):
+            return True
+        if _text(self.client.get(key) or b"") == owner:
+            self.client.expire(key, ttl_s)
+            return True
+        return False
+
+    def release(self, run_id: str, iteration: int, owner: str) -> None:
+        key = self._key(run_id, f"lock:{iteration}")
+        if _text(self.client.get(key) or b"") == owner:
+            self.client.delete(key)
 
     # ---- completion
 

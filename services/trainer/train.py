@@ -86,9 +86,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def mismatched(matched: Sequence, other: Sequence) -> Sequence:
-    """(x, y'): this sample's prompt with another sample's response (KTO's KL pair)."""
-    response = other.ids[other.prompt_len :]
+def mismatched(matched: Sequence, other: Sequence, max_length: int) -> Sequence:
+    """(x, y'): this sample's prompt with another sample's response (KTO's KL pair), cut to ``max_length``."""
+    response = other.ids[other.prompt_len :][: max(max_length - matched.prompt_len, 1)]
     return Sequence(ids=matched.ids[: matched.prompt_len] + response, prompt_len=matched.prompt_len)
 
 
@@ -281,7 +281,7 @@ class Trainer:
         seqs = [self.encode(x.query, x.response) for x in samples]
         batches = self._batches(len(samples), iteration)
         kl_keys = sorted({pair for b in batches for pair in zip(b, mismatched_partners(b))})
-        kl_seqs = {key: mismatched(seqs[key[0]], seqs[key[1]]) for key in kl_keys}
+        kl_seqs = {key: mismatched(seqs[key[0]], seqs[key[1]], s.max_length) for key in kl_keys}
 
         # 1. reference log-probs, once per iteration (adapter disabled, no grad)
         ref = self.logps(seqs, reference=True).cpu()

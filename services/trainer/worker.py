@@ -186,7 +186,11 @@ class TrainerWorker:
                      "sample_ids": [s.sample_id for s in samples], **summary}  # fmt: skip
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
 
-        path, checksum = self.store.write(run_id, version, save)
+        try:
+            path, checksum = self.store.write(run_id, version, save)
+        except FileExistsError:  # another trainer finished it first: never rewrite
+            path = self.store.path(run_id, version)
+            checksum = adapter_checksum(path)
         log.info("event=adapter_written run=%s version=%s path=%s tokens_per_s=%s", run_id, version, path, summary["tokens_per_s"])
         return path, checksum, summary
 
@@ -197,7 +201,13 @@ class TrainerWorker:
         self.ingest(block_ms=block_ms)
         trained = 0
         for run_id, iteration in self.ready():
-            self.train_iteration(run_id, iteration)
+            if not self.state.acquire(run_id, iteration, self.settings.consumer, self.settings.lock_ttl_s):
+                log.info("event=iteration_held_elsewhere run=%s iteration=%d", run_id, iteration)
+                continue
+            try:
+                self.train_iteration(run_id, iteration)
+            finally:
+                self.state.release(run_id, iteration, self.settings.consumer)
             trained += 1
         return trained
 

@@ -86,6 +86,24 @@ def test_limits_answer_4xx_with_the_field(rollout_service):
     assert reply.status_code == 404  # vLLM's own admin route is not exposed
 
 
+def test_many_seeded_long_prompts_at_once(rollout_service):
+    """The rollout pattern (many queries in flight, n > 1, seeded) past vLLM's per-step token budget."""
+    import asyncio
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=rollout_service.openai_base_url, api_key=rollout_service.api_key,
+                                      timeout=300, max_retries=0) as client:  # fmt: skip
+            prompts = [f"Request {i}: " + "write the governance section of the annual energy report. " * 40 for i in range(12)]
+            replies = await asyncio.gather(*(
+                client.completions.create(model="policy", prompt=p, n=3, max_tokens=4, seed=i) for i, p in enumerate(prompts)
+            ))  # fmt: skip
+            return replies
+
+    replies = asyncio.run(run())
+    assert sum(r.usage.prompt_tokens for r in replies) > 2048
+    assert all(len(r.choices) == 3 for r in replies)
+
+
 def test_other_model_names_pass_through(client):
     reply = client.completions.create(model="base", prompt="Summary", max_tokens=4)
     assert reply.model == "base"

@@ -59,48 +59,60 @@ def test_swap_under_load_fails_no_request_and_retires_the_old_version(rollout_se
     _swap(rollout_service, lora_factory, publish_adapter, old, seed=21)
     new = _unique("load-new")
     new_path, new_checksum, rank = lora_factory.make(new, rank=8, seed=22)
+    tokens, n_in_flight = 160, 20
 
     async def scenario():
         client = openai.AsyncOpenAI(base_url=rollout_service.openai_base_url, api_key=rollout_service.api_key,
                                     timeout=300, max_retries=0)  # fmt: skip
 
-        async def one(i):
-            raw = await client.completions.with_raw_response.create(
-                model="policy", prompt=f"{PROMPT} {i}", max_tokens=160, n=2, temperature=1.0,
-                extra_body={"ignore_eos": True},
+        async def open_stream(i):
+            """A streamed request, held open once its first chunk arrived: it is in flight for sure."""
+            stream = await client.completions.create(
+                model="policy", prompt=f"{PROMPT} {i}", max_tokens=tokens, n=2, temperature=1.0, stream=True,
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
             )  # fmt: skip
-            reply = raw.parse()
-            return raw.headers["x-grace-adapter-version"], [c.finish_reason for c in reply.choices], reply.usage.completion_tokens
+            chunks = stream.__aiter__()
+            return stream, chunks, [await chunks.__anext__()]
 
-        first = [asyncio.create_task(one(i)) for i in range(20)]
-        deadline = time.monotonic() + 60
-        while rollout_service.admin()["in_flight"].get(rollout_service.admin()["current"]["model"], 0) < 16:
-            assert time.monotonic() < deadline, "requests never got in flight"
-            await asyncio.sleep(0.05)
-        publish_adapter(new, new_path, new_checksum, rank)
+        async def finish(stream, chunks, seen):
+            seen += [chunk async for chunk in chunks]
+            finish_reasons = sorted(c.finish_reason for chunk in seen for c in chunk.choices if c.finish_reason)
+            usage = next(chunk.usage for chunk in reversed(seen) if chunk.usage)
+            return stream.response.headers["x-grace-adapter-version"], finish_reasons, usage.completion_tokens
+
+        async def plain(i):
+            raw = await client.completions.with_raw_response.create(
+                model="policy", prompt=f"{PROMPT} {i}", max_tokens=8, n=2, extra_body={"ignore_eos": True}
+            )
+            return raw.headers["x-grace-adapter-version"], len(raw.parse().choices)
+
+        held = await asyncio.gather(*(open_stream(i) for i in range(n_in_flight)))
+        before = rollout_service.admin()
+        publish_adapter(new, new_path, new_checksum, rank)  # the swap, with every stream still running
         status = await asyncio.to_thread(wait_adapter_status, rollout_service.redis_url, new)
         during = rollout_service.admin()
-        second = [asyncio.create_task(one(100 + i)) for i in range(4)]
-        results = await asyncio.gather(*first, *second)  # any failed request raises here
+        fresh = await asyncio.gather(*(plain(100 + i) for i in range(4)))
+        finished = await asyncio.gather(*(finish(*h) for h in held))  # any failed request raises here
         await client.close()
-        return status, during, results
+        return before, status, during, fresh, finished
 
-    status, during, results = asyncio.run(scenario())
+    before, status, during, fresh, finished = asyncio.run(scenario())
+    assert before["current"]["version"] == old and before["in_flight"][before["current"]["model"]] >= 16
     assert status.status == "loaded"
-    old_results, new_results = results[:20], results[20:]
-    assert all(r[1] == ["length", "length"] and r[2] == 320 for r in results)  # every request ran to the end
-    assert all(r[0] == old for r in old_results)  # in-flight requests kept their version
-    assert all(r[0] == new for r in new_results)
-    # the old version was still loaded while its requests ran, and unloaded once they were done
+    # every held request ran to its end on the version it started with
+    assert all(f == (old, ["length", "length"], 2 * tokens) for f in finished), finished
+    assert all(f == (new, 2) for f in fresh), fresh  # new requests went to the new version at once
+    # the old version stayed loaded while its requests ran ...
     assert during["current"]["version"] == new
     retiring = {r["version"]: r["model"] for r in during["retiring"]}
-    assert old in retiring and during["in_flight"].get(retiring[old], 0) > 0, during
+    assert old in retiring and during["in_flight"].get(retiring[old], 0) == n_in_flight, during
+    # ... and is unloaded once they are done
     deadline = time.monotonic() + 30
     while any(r["version"] == old for r in rollout_service.admin()["retiring"]):
         assert time.monotonic() < deadline, "old version never unloaded"
         time.sleep(0.2)
     served = {m["id"] for m in httpx.get(rollout_service.vllm_url + "/v1/models", timeout=10).json()["data"]}
-    assert during["current"]["model"] in served and not any(old in name for name in served)
+    assert during["current"]["model"] in served and retiring[old] not in served
 
 
 def test_bad_adapters_are_rejected_and_the_old_one_keeps_serving(

@@ -32,6 +32,7 @@ def test_yarn_quadruples_an_8k_window_and_repeats_rope_theta(tmp_path):
     assert _flag(argv, "--max-lora-rank") == "64" and int(_flag(argv, "--max-loras")) >= 2
     assert "--enable-prefix-caching" in argv and _flag(argv, "--kv-cache-memory-bytes") == "256M"
     assert "--tensor-parallel-size" not in argv
+    assert "--no-enable-chunked-prefill" in argv and _flag(argv, "--max-num-batched-tokens") == "32768"  # CPU seed bug
 
 
 def test_transformers4_layout_and_native_window_override(tmp_path):
@@ -53,6 +54,7 @@ def test_gpu_flags(tmp_path, kv):
     settings = RolloutSettings(tensor_parallel_size=2, kv_cache_bytes=kv, gpu_memory_utilization=0.85)
     argv, _ = vllm_command(settings, _model(tmp_path), 9000, cuda=True)
     assert _flag(argv, "--tensor-parallel-size") == "2"
+    assert "--no-enable-chunked-prefill" not in argv
     if kv is None:
         assert _flag(argv, "--gpu-memory-utilization") == "0.85" and "--kv-cache-memory-bytes" not in argv
     else:

@@ -33,7 +33,7 @@ def run_id():
 
 
 def test_iteration_publishes_well_formed_groups_then_completes(rollout_service, redis_client, run_id):
-    settings = _settings(rollout_service, run_id, generation_json_list=True)
+    settings = _settings(rollout_service, run_id, generation_json_list=True, max_query_chars=60, generation_max_tokens=400)
     result = asyncio.run(run_iteration(settings, redis_client, 0, k=3, m=2))
     entries = _entries(redis_client, run_id)
     groups = [e for e in entries if isinstance(e, RolloutGroup)]

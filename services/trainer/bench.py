@@ -1,0 +1,225 @@
+"""`grace bench trainer`: one GRACE-KTO epoch vs TRL's KTOTrainer, and vs DPO, in the same run.
+
+Every method runs in a fresh subprocess (so ``ru_maxrss`` is its own peak) on
+the same model, data, batch size, sequence lengths, precision and LoRA
+settings; the child imports the same libraries (trl, datasets, peft) before
+measuring, so baselines start equal. Data: groups of 8 responses to one
+query with long answers of varied length (uniform in [min, max] tokens), as
+the workload has, and random calibrated-like weights.
+
+- speed: prompt+response tokens of the epoch / wall seconds of the epoch
+  (GRACE-KTO's time includes its tokenization and its reference pass; TRL's
+  time is ``trainer.train()`` only, its tokenization excluded);
+- memory: peak RSS of the process (``resource.getrusage``), and the peak
+  minus the RSS just before training.
+
+Last output line: one JSON object with ``speedup_vs_trl``,
+``memory_ratio_vs_trl`` (GRACE / TRL peak RSS) and ``dpo_memory_ratio``
+(GRACE-KTO / DPO peak RSS, same engine and token budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+METHODS = ("grace_kto", "trl_kto", "dpo")
+
+
+@dataclass
+class BenchOptions:
+    preset: str = "small"
+    samples: int = 48
+    batch_size: int = 8
+    min_tokens: int = 64
+    max_tokens: int = 640
+    precision: str = "fp32"
+    lora_rank: int = 64
+    threads: int = 0
+    micro_batch_tokens: int = 2048
+    seed: int = 0
+    out: Path | None = None
+
+
+# --------------------------------------------------------------------------- data
+
+
+def make_samples(tokenizer: Any, opts: BenchOptions) -> list[dict[str, Any]]:
+    """Groups of 8 tagged responses with answers of varied token length, cut from the project's corpora."""
+    from shared.tiny_models import DATA_DIR
+
+    rng = random.Random(opts.seed)
+    corpus = "\n".join(p.read_text(encoding="utf-8") for p in sorted(DATA_DIR.glob("*corpus*.txt"))) or "report " * 5000
+    ids = tokenizer(corpus, add_special_tokens=False)["input_ids"]
+    queries = [json.loads(line)["query"] for line in (DATA_DIR / "seed_queries.jsonl").read_text().splitlines() if line.strip()]
+
+    def text(n: int) -> str:
+        start = rng.randrange(0, max(len(ids) - n, 1))
+        return tokenizer.decode(ids[start : start + n], skip_special_tokens=True)
+
+    samples = []
+    for i in range(opts.samples):
+        group, index = divmod(i, 8)
+        weight = round(rng.gauss(0.0, 1.0), 4)
+        response = f"<summary>{text(24)}</summary><outline>{text(24)}</outline><answer>{text(rng.randint(opts.min_tokens, opts.max_tokens))}</answer>"
+        samples.append({
+            "run_id": "bench", "iteration": 0, "sample_id": f"bench:0:{group}:{index}", "group_id": f"bench:0:{group}",
+            "response_index": index, "query": queries[group % len(queries)], "response": response, "weight": weight,
+            "label": "desirable" if weight >= 0 else "undesirable", "parsed": True,
+        })  # fmt: skip
+    return samples
+
+
+# --------------------------------------------------------------------------- child: one method
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_method(method: str, policy: str, data: Path, opts: BenchOptions) -> dict[str, Any]:
+    import datasets  # noqa: F401  (same imports in every child: equal baselines)
+    import peft  # noqa: F401
+    import torch
+    import trl  # noqa: F401
+
+    from services.trainer.config import TrainerSettings
+    from services.trainer.losses import class_weights
+    from services.trainer.model import load_base, load_tokenizer, lora_config, resolve_runtime
+    from shared.schemas import WeightedSample
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    settings = TrainerSettings(
+        policy_model=policy, lora_rank=opts.lora_rank, lora_alpha=2 * opts.lora_rank, batch_size=opts.batch_size,
+        precision=opts.precision, micro_batch_tokens=opts.micro_batch_tokens, max_length=opts.max_tokens + 512,
+        seed=opts.seed, num_threads=opts.threads or None,
+    )  # fmt: skip
+    samples = [WeightedSample(**row) for row in json.loads(data.read_text())]
+    runtime = resolve_runtime(settings)
+    tokenizer = load_tokenizer(policy)
+    base = load_base(policy, runtime, settings.yarn_factor)
+
+    if method == "trl_kto":
+        from datasets import Dataset
+        from trl import KTOConfig, KTOTrainer
+
+        from shared.prompts import chat_messages
+
+        n_pos = sum(s.weight >= 0 for s in samples)
+        lam = class_weights(n_pos, len(samples) - n_pos)
+        rows = [{"prompt": chat_messages(s.query), "completion": [{"role": "assistant", "content": s.response}],
+                 "label": s.weight >= 0} for s in samples]  # fmt: skip
+        args = KTOConfig(
+            output_dir=tempfile.mkdtemp(prefix="bench-trl-"), per_device_train_batch_size=opts.batch_size,
+            num_train_epochs=1, learning_rate=settings.learning_rate, lr_scheduler_type="cosine_with_min_lr",
+            lr_scheduler_kwargs={"min_lr": settings.min_learning_rate}, warmup_steps=settings.warmup_ratio,
+            beta=settings.beta, desirable_weight=lam[0], undesirable_weight=lam[1], max_length=settings.max_length,
+            report_to="none", use_cpu=True, save_strategy="no", logging_steps=10**6, disable_dropout=True,
+            bf16=opts.precision == "bf16", dataloader_num_workers=0, seed=opts.seed, max_grad_norm=settings.max_grad_norm,
+        )  # fmt: skip
+        trainer = KTOTrainer(model=base, args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
+                             peft_config=lora_config(settings))  # fmt: skip
+        tokens = int(sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in trainer.train_dataset))
+        rss_before = _rss_mb()
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+        steps = trainer.state.global_step
+    else:
+        from peft import get_peft_model
+
+        from services.trainer.train import Trainer
+
+        model = get_peft_model(base, lora_config(settings))
+        trainer = Trainer(model, tokenizer, settings, runtime, loss="grace_kto" if method == "grace_kto" else "dpo")
+        rss_before = _rss_mb()
+        started = time.perf_counter()
+        result = trainer.train(samples, iteration=0)
+        seconds = time.perf_counter() - started
+        tokens, steps = result.tokens, result.steps
+    return {
+        "method": method, "steps": steps, "tokens": tokens, "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1), "rss_before_mb": round(rss_before, 1),
+        "peak_rss_mb": round(_peak_mb(), 1), "peak_delta_mb": round(_peak_mb() - rss_before, 1),
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def run_bench(opts: BenchOptions) -> dict[str, Any]:
+    from services.trainer.config import TrainerSettings
+    from services.trainer.model import load_tokenizer
+    from shared.tiny_models import ensure_model_set
+
+    models = ensure_model_set(opts.preset)
+    out = opts.out or TrainerSettings().run_root / "bench-trainer"
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(models.policy)
+    data = out / "bench_samples.json"
+    data.write_text(json.dumps(make_samples(tokenizer, opts)))
+    results = {}
+    for method in METHODS:
+        command = [sys.executable, "-m", "services.trainer.bench", "--method", method, "--policy", str(models.policy),
+                   "--data", str(data), "--options", json.dumps({k: v for k, v in asdict(opts).items() if k != "out"})]  # fmt: skip
+        print(f"running {method} ...", flush=True)
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{method} failed:\n{proc.stderr[-4000:]}")
+        results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+    grace, trl_kto, dpo = (results[m] for m in METHODS)
+    summary = {
+        "preset": opts.preset, "samples": opts.samples, "batch_size": opts.batch_size, "precision": opts.precision,
+        "lora_rank": opts.lora_rank, "response_tokens": [opts.min_tokens, opts.max_tokens],
+        "micro_batch_tokens": opts.micro_batch_tokens, "methods": results,
+        "speedup_vs_trl": round(trl_kto["seconds"] / grace["seconds"], 3),  # the same epoch's wall time
+        "memory_ratio_vs_trl": round(grace["peak_rss_mb"] / trl_kto["peak_rss_mb"], 3),
+        "memory_delta_ratio_vs_trl": round(grace["peak_delta_mb"] / max(trl_kto["peak_delta_mb"], 1e-9), 3),
+        "dpo_memory_ratio": round(grace["peak_rss_mb"] / dpo["peak_rss_mb"], 3),
+        "dpo_memory_delta_ratio": round(grace["peak_delta_mb"] / max(dpo["peak_delta_mb"], 1e-9), 3),
+    }  # fmt: skip
+    (out / "bench.json").write_text(json.dumps(summary, indent=1))
+    table = ["| method | steps | tokens | seconds | tokens/s | peak RSS MB | peak - start MB |", "|---|---|---|---|---|---|---|"]
+    for r in results.values():
+        table.append(f"| {r['method']} | {r['steps']} | {r['tokens']} | {r['seconds']} | {r['tokens_per_s']} | "
+                     f"{r['peak_rss_mb']} | {r['peak_delta_mb']} |")  # fmt: skip
+    (out / "bench.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="one benchmark method in a fresh process (used by `grace bench trainer`)")
+    parser.add_argument("--method", choices=METHODS, required=True)
+    parser.add_argument("--policy", required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--options", required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level="WARNING")
+    opts = BenchOptions(**json.loads(args.options))
+    print(json.dumps(run_method(args.method, args.policy, args.data, opts)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
