@@ -8,13 +8,14 @@ All figures come from one run, per local model preset (tiny, small):
     the same requests sent straight to vLLM under the adapter's versioned name:
     ``overhead_ratio_vs_vllm`` = service tok/s / raw vLLM tok/s (goal >= 0.95);
 (b) the same workload through plain transformers ``generate`` (adapter merged,
-    same dtype as vLLM, one padded batch: K x m sequences to the longest target;
+    same dtype and CPU threads as vLLM's worker, one padded batch: K x m sequences to the longest target;
     only target tokens count): ``speedup_vs_transformers`` = service / transformers;
 (c) hot-swap latency: adapter event published -> first response served by the
     new version through `policy` (goal <= 2 s).
 
-The service and vLLM passes alternate and the best of ``repeats`` counts, so
-the CPU noise of a shared machine hits both alike. Results: ``bench.json``,
+The service and vLLM passes run in adjacent pairs (order alternating) and the
+ratio is the median of the pair ratios, so the CPU noise of a shared machine
+hits both alike. Results: ``bench.json``,
 ``bench.md`` (table) and ``bench.png`` in ``out_dir``; the last stdout line is
 the JSON summary (headline figures from the last preset).
 """
@@ -46,7 +47,7 @@ class BenchConfig:
     responses: int = 4
     min_tokens: int = 64
     max_tokens: int = 256
-    repeats: int = 2
+    repeats: int = 3
     swaps: int = 3
     lora_rank: int = 8
     out_dir: Path = Path("runs/bench/rollout")
@@ -152,6 +153,10 @@ def _transformers_generate(model_dir: Path, adapter_dir: Path, workload: Workloa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # the compute vLLM's CPU worker gets: all cores but the one it reserves for its API server
+    # (with every core, OpenMP spin-waits against other load and a decode step gets ~50x slower here)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
@@ -167,6 +172,7 @@ def _transformers_generate(model_dir: Path, adapter_dir: Path, workload: Workloa
             num_return_sequences=workload.m, pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
     seconds = time.perf_counter() - started
+    torch.set_num_threads(threads)
     generated = (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0]
     return {"seconds": seconds, "useful_tokens": workload.tokens, "generated_tokens": int(generated),
             "tok_s": workload.tokens / seconds, "raw_tok_s": generated / seconds}  # fmt: skip
@@ -217,20 +223,20 @@ def bench_preset(preset: str, config: BenchConfig) -> dict:
 
             asyncio.run(_drive(service_url + "/v1", "policy", api_key, workload, seed=1))  # warm-up both paths
             asyncio.run(_drive(vllm_url + "/v1", adapter_model, "none", workload, seed=1))
-            passes: dict[str, list[tuple[float, int]]] = {"service": [], "vllm": []}
-            for r in range(config.repeats):
+            rates: dict[str, list[float]] = {"service": [], "vllm": []}
+            for r in range(config.repeats):  # adjacent pairs, order alternating: drift on a shared machine cancels
                 order = [("service", service_url, "policy", api_key), ("vllm", vllm_url, adapter_model, "none")]
                 for name, url, model, key in order if r % 2 == 0 else order[::-1]:
-                    passes[name].append(asyncio.run(_drive(url + "/v1", model, key, workload, seed=100 + r)))
-            for name, runs in passes.items():
-                best = max(runs, key=lambda run: run[1] / run[0])
-                result[name] = {"tok_s": best[1] / best[0], "seconds": best[0], "tokens": best[1],
-                                "all_tok_s": [t / s for s, t in runs]}  # fmt: skip
+                    seconds, tokens = asyncio.run(_drive(url + "/v1", model, key, workload, seed=100 + r))
+                    rates[name].append(tokens / seconds)
+            for name, values in rates.items():
+                result[name] = {"tok_s": statistics.median(values), "all_tok_s": values}
+            result["pair_ratios"] = [a / b for a, b in zip(rates["service"], rates["vllm"])]
         finally:
             client.close()
             service.stop()
     result["transformers"] = _transformers_generate(Path(models.policy), Path(adapter_path), workload, "bfloat16")
-    result["overhead_ratio_vs_vllm"] = result["service"]["tok_s"] / result["vllm"]["tok_s"]
+    result["overhead_ratio_vs_vllm"] = statistics.median(result["pair_ratios"])
     result["speedup_vs_transformers"] = result["service"]["tok_s"] / result["transformers"]["tok_s"]
     shutil.rmtree(workdir, ignore_errors=True)
     return result

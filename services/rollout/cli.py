@@ -29,7 +29,7 @@ def bench(
     responses: int = typer.Option(4, help="m responses per query"),
     min_tokens: int = typer.Option(64, help="shortest response (tokens)"),
     max_tokens: int = typer.Option(256, help="longest response (tokens); lengths vary between the two"),
-    repeats: int = typer.Option(2, help="timed passes per system (best one counts)"),
+    repeats: int = typer.Option(3, help="timed (service, raw vLLM) pass pairs; medians count"),
     out_dir: Path = typer.Option(Path("runs/bench/rollout"), help="table, plot and JSON go here"),
 ) -> None:
     """Service (gateway + adapter) vs raw vLLM vs transformers generate; hot-swap latency. Last line: JSON."""

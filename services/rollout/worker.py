@@ -119,13 +119,19 @@ class RolloutWorker:
         else:
             planned = await self._generate_plan(iteration, k)
         rows = json.dumps([{"query": p.query, "source": p.source} for p in planned], ensure_ascii=False)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self._key("plan", iteration), rows, nx=True)
-        if planned and not offline:
-            pipe.sadd(self._key("seen"), *[normalize_query(p.query) for p in planned])
-        created, *_ = pipe.execute()
-        if not created:  # another worker fixed the plan first: use theirs
-            return await self.plan(iteration, k, offline)
+        plan_key = self._key("plan", iteration)
+        with self.redis.pipeline() as pipe:  # the plan and its "seen" marks together, or not at all
+            try:
+                pipe.watch(plan_key)
+                if pipe.exists(plan_key):
+                    raise redis.WatchError
+                pipe.multi()
+                pipe.set(plan_key, rows)
+                if planned and not offline:
+                    pipe.sadd(self._key("seen"), *[normalize_query(p.query) for p in planned])
+                pipe.execute()
+            except redis.WatchError:  # another worker fixed the plan first: use theirs
+                return await self.plan(iteration, k, offline)
         return planned
 
     async def _generate_plan(self, iteration: int, k: int) -> list[PlannedQuery]:
