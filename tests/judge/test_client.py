@@ -74,12 +74,12 @@ def test_5xx_retried_with_backoff_then_succeeds(backend):
 
 
 def test_timeout_is_retried(backend):
-    backend.script(Step(delay=3.0))
+    backend.script(Step(delay=30.0))
     started = time.monotonic()
     result = judge_once(settings_for(backend, timeout_s=0.5))
     assert result.score == pytest.approx(72.0)
     assert len(backend.calls) == 2
-    assert time.monotonic() - started < 2.5  # did not wait for the slow answer
+    assert time.monotonic() - started < 20  # gave up on the 30 s answer instead of waiting for it
 
 
 def test_persistent_failure_ends_with_a_reason_after_max_retries(backend):
