@@ -32,7 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,9 @@ class RandomLora:
 
         model = self._by_rank.get(rank)
         if model is None:
-            config = LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False, target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
+            config = LoraConfig(
+                r=rank, lora_alpha=2 * rank, init_lora_weights=False, target_modules=TARGET_MODULES, task_type="CAUSAL_LM"
+            )
             model = self._by_rank[rank] = get_peft_model(copy.deepcopy(self.base), config)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -137,7 +139,8 @@ def _swap_latency(service_url: str, api_key: str, redis_client, lora: RandomLora
     headers = {"authorization": f"Bearer {api_key}"}
     with httpx.Client(base_url=service_url, headers=headers, timeout=60) as http:
         started = time.perf_counter()
-        publish(redis_client, STREAM_ADAPTERS, AdapterEvent(run_id="bench", iteration=seed, version=version, path=str(path), checksum=checksum, rank=rank))
+        event = AdapterEvent(run_id="bench", iteration=seed, version=version, path=str(path), checksum=checksum, rank=rank)
+        publish(redis_client, STREAM_ADAPTERS, event)
         while True:
             reply = http.post("/v1/completions", json=body)
             reply.raise_for_status()
@@ -246,7 +249,8 @@ def _report(results: list[dict], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(results, indent=2))
     rows = [
-        "| preset | service tok/s | raw vLLM tok/s | transformers tok/s | overhead ratio | speedup vs transformers | swap median s | swap max s |",
+        "| preset | service tok/s | raw vLLM tok/s | transformers tok/s | overhead ratio | speedup vs transformers "
+        "| swap median s | swap max s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:

@@ -42,7 +42,9 @@ class RolloutSettings(ServiceSettings):
     enable_lora: bool = True
     max_lora_rank: int = Field(64, description="largest adapter rank accepted (paper: 64)")
     max_loras: int = Field(3, description="adapters active in one batch: >= 2 so old and new overlap during a swap")
-    kv_cache_bytes: str | None = Field(None, description="--kv-cache-memory-bytes (unset: 256M on CPU, which needs it; the memory fraction on GPU)")
+    kv_cache_bytes: str | None = Field(
+        None, description="--kv-cache-memory-bytes (unset: 256M on CPU, which needs it; the memory fraction on GPU)"
+    )
     gpu_memory_utilization: float = Field(0.9, description="GPU only, when kv_cache_bytes is unset")
     tensor_parallel_size: int = Field(1, description="GPU only: shards the model across this many GPUs")
     enable_prefix_caching: bool = True

@@ -25,6 +25,7 @@ import secrets
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+
 import httpx
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse

@@ -117,7 +117,8 @@ class RolloutService:
         self.server = uvicorn.Server(config)
         supervisor = threading.Thread(target=self._supervise, args=(registry, vllm_url), name="rollout-supervisor", daemon=True)
         supervisor.start()
-        log.info("event=gateway_listening host=%s port=%d vllm=%s replica=%s", settings.host, settings.port, vllm_url, settings.replica)
+        log.info("event=gateway_listening host=%s port=%d vllm=%s replica=%s",
+                 settings.host, settings.port, vllm_url, settings.replica)  # fmt: skip
         try:
             self.server.run()
         finally:

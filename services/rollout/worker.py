@@ -286,7 +286,8 @@ class RolloutWorker:
         if self.redis.exists(flag):
             return
         pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(STREAM_ROLLOUTS, encode_message(IterationComplete(run_id=self.run_id, iteration=iteration, stage="rollout", count=count)))
+        done = IterationComplete(run_id=self.run_id, iteration=iteration, stage="rollout", count=count)
+        pipe.xadd(STREAM_ROLLOUTS, encode_message(done))
         pipe.set(flag, "1")
         pipe.execute()
 

@@ -9,7 +9,8 @@ from services.rollout.vllm_server import vllm_command
 
 
 def _model(tmp_path, **config):
-    base = {"model_type": "qwen2", "max_position_embeddings": 8192, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}
+    rope = {"rope_type": "default", "rope_theta": 500000.0}
+    base = {"model_type": "qwen2", "max_position_embeddings": 8192, "rope_parameters": rope}
     base.update(config)
     (tmp_path / "config.json").write_text(json.dumps(base))
     return str(tmp_path)
