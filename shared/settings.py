@@ -94,3 +94,18 @@ class ServiceSettings(BaseSettings):
     def api_key_value(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key else None
 
+
+
+def load_settings(cls: type[ServiceSettings], config_file: str | Path | None = None, **overrides: Any):
+    """``cls(**overrides)`` reading ``config_file`` instead of ``$GRACE_CONFIG``, without changing the environment."""
+    if config_file is None:
+        return cls(**overrides)
+    previous = os.environ.get("GRACE_CONFIG")
+    os.environ["GRACE_CONFIG"] = str(config_file)
+    try:
+        return cls(**overrides)
+    finally:
+        if previous is None:
+            os.environ.pop("GRACE_CONFIG", None)
+        else:
+            os.environ["GRACE_CONFIG"] = previous

@@ -28,6 +28,7 @@ from services.stack.progress import wait_for_adapter, wait_for_samples
 from services.stack.stack import StackInfo
 from shared.local_redis import connect
 from shared.runs import RunConfig, load_run_config, save_run_config
+from shared.settings import load_settings
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,6 @@ class SemiOnlineRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state = RunState.load(self.run_dir / "state.json")
         self.redis = connect(info.redis_url)
-        os.environ["GRACE_CONFIG"] = info.config_path  # the same settings as the stack's services
 
     def _check_config(self) -> None:
         stored = load_run_config(self.redis, self.config.run_id)
@@ -121,7 +121,9 @@ class SemiOnlineRun:
         timeout = self.options.stage_timeout_s
         started = time.perf_counter()
         with self.console.status(f"iteration {iteration}: rollout (K={self.config.queries_per_iteration}, m={self.config.responses_per_query})"):
-            settings = RolloutSettings(run_id=self.config.run_id, gateway_url=self.info.urls["rollout"])
+            settings = load_settings(  # the stack's own settings file: the worker samples as the services are set
+                RolloutSettings, self.info.config_path, run_id=self.config.run_id, gateway_url=self.info.urls["rollout"]
+            )
             result = asyncio.run(run_iteration(settings, self.redis, iteration, offline=self.config.offline))
         self.console.print(
             f"iteration {iteration}: rollout published {result.published} groups "

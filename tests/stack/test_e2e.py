@@ -89,3 +89,10 @@ def test_starting_the_same_run_again_continues_without_new_work(finished_run):
     assert again.state.trained == [0, 1]
     again.run()
     assert {name: client.xlen(name) for name in lengths} == lengths
+
+
+def test_the_run_leaves_the_process_environment_alone(finished_run):
+    import os
+
+    # later tests and services must not inherit the stack's settings file
+    assert os.environ.get("GRACE_CONFIG") != finished_run["info"].config_path
