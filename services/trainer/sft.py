@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import shutil
 import tempfile
 import time
@@ -71,8 +72,12 @@ def load_examples(path: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def condense(response: str, tokenizer: Any, max_tokens: int) -> str:
-    """The tagged response with each section cut to its first ``max_tokens`` tokens (tags kept); untagged: unchanged."""
+def condense(response: str, tokenizer: Any, max_tokens: int, rng: random.Random | None = None) -> str:
+    """The tagged response with each section cut to ``max_tokens`` tokens (tags kept); untagged: unchanged.
+
+    Without ``rng`` the first tokens of each section are kept; with it, a random window of each
+    section, so every epoch shows new content in the same format.
+    """
     from shared.parsing import extract_structured
 
     parts = extract_structured(response)
@@ -80,8 +85,9 @@ def condense(response: str, tokenizer: Any, max_tokens: int) -> str:
         return response
 
     def cut(text: str) -> str:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
-        return tokenizer.decode(ids, skip_special_tokens=True).strip() or text[:1]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        start = rng.randrange(len(ids) - max_tokens + 1) if rng is not None and len(ids) > max_tokens else 0
+        return tokenizer.decode(ids[start : start + max_tokens], skip_special_tokens=True).strip() or text[:1]
 
     return (f"<summary>{cut(parts.summary)}</summary><outline>{cut(parts.outline)}</outline>"
             f"<answer>{cut(parts.answer)}</answer>")  # fmt: skip
@@ -115,13 +121,18 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
         for param in model.parameters():
             param.requires_grad_(True)
     examples = load_examples(opts.data)
-    if section_tokens:
-        examples = [(q, condense(r, tokenizer, section_tokens)) for q, r in examples]
     encode = Encoder(tokenizer, opts.max_length)
-    seqs = [encode(q, r) for q, r in examples]
-    batches = [b for e in range(epochs) for b in plan_batches(len(seqs), batch_size, opts.seed + e)]
+    rng = random.Random(opts.seed)
+    # the sequences of each step; condensed examples draw new section windows every epoch
+    plan: list[list[Any]] = []
+    for epoch in range(epochs):
+        if epoch == 0 or section_tokens:
+            seqs = [encode(q, condense(r, tokenizer, section_tokens, rng) if section_tokens else r) for q, r in examples]
+        plan += [[seqs[i] for i in batch] for batch in plan_batches(len(seqs), batch_size, opts.seed + epoch)]
+        if opts.max_steps and len(plan) >= opts.max_steps:
+            break
     if opts.max_steps:
-        batches = batches[: opts.max_steps]
+        plan = plan[: opts.max_steps]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     pad_id = tokenizer.pad_token_id or 0
@@ -129,21 +140,21 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
     losses: list[float] = []
     model.train()
     torch.manual_seed(opts.seed)
-    for step, batch in enumerate(batches):
-        tokens = sum(seqs[i].response_len for i in batch)
+    for step, batch in enumerate(plan):
+        tokens = sum(seq.response_len for seq in batch)
         total = 0.0
-        for group in micro_batches([len(seqs[i].ids) for i in batch], settings.micro_batch_tokens):
-            logps = sequence_logps(model, [seqs[batch[g]] for g in group], pad_id, runtime)
+        for group in micro_batches([len(seq.ids) for seq in batch], settings.micro_batch_tokens):
+            logps = sequence_logps(model, [batch[g] for g in group], pad_id, runtime)
             loss = -logps.sum() / tokens  # token-mean NLL of the batch's responses
             loss.backward()
             total += float(loss.detach())
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, len(batches), lr, lr * opts.min_lr_ratio, opts.warmup_ratio)
+            group["lr"] = cosine_lr(step, len(plan), lr, lr * opts.min_lr_ratio, opts.warmup_ratio)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(total)
-        log.info("event=sft_step step=%d steps=%d loss=%.4f tokens=%d", step + 1, len(batches), total, tokens)
+        log.info("event=sft_step step=%d steps=%d loss=%.4f tokens=%d", step + 1, len(plan), total, tokens)
     seconds = time.perf_counter() - started
     if opts.mode == "lora":
         model = model.merge_and_unload()
@@ -151,8 +162,8 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
     model.config.rope_parameters = native.rope_parameters
     model.config.max_position_embeddings = native.max_position_embeddings
     model.config.use_cache = True
-    summary = {"base": str(base), "mode": opts.mode, "epochs": epochs, "lr": lr, "batch_size": batch_size, "steps": len(batches),
-               "examples": len(seqs), "section_tokens": section_tokens, "final_loss": losses[-1] if losses else float("nan"),
+    summary = {"base": str(base), "mode": opts.mode, "epochs": epochs, "lr": lr, "batch_size": batch_size, "steps": len(plan),
+               "examples": len(examples), "section_tokens": section_tokens, "final_loss": losses[-1] if losses else float("nan"),
                "first_loss": losses[0] if losses else float("nan"), "seconds": round(seconds, 2)}  # fmt: skip
     _save_policy(model, tokenizer, Path(opts.out), summary)
     log.info("event=sft_done out=%s %s", opts.out, " ".join(f"{k}={v}" for k, v in summary.items()))
