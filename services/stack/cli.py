@@ -69,8 +69,8 @@ def demo(
     work_dir: Path = typer.Option(Path("runs/demo"), help="models, SFT policy, stack and runs go here"),
     run_id: Optional[str] = typer.Option(None, help="continue this run id (default: a new one)"),
     iterations: int = typer.Option(3),
-    queries: int = typer.Option(4, "--queries", "-k"),
-    responses: int = typer.Option(4, "--responses", "-m"),
+    queries: int = typer.Option(8, "--queries", "-k", help="new queries per iteration (K)"),
+    responses: int = typer.Option(8, "--responses", "-m", help="responses per query (m; paper: 8)"),
     loss: str = typer.Option("grace_kto"),
 ) -> None:
     """The whole loop on the tiny local models: SFT, stack, 3 iterations, report."""

@@ -21,8 +21,8 @@ from shared.runs import RunConfig
 # The tiny policy needs larger steps than the paper's 5e-6 for one short
 # iteration to move it visibly, and short responses keep 2 cores fast.
 DEMO_SERVICE_SETTINGS = {
-    "rollout": {"max_tokens": 1280},
-    "trainer": {"lora_rank": 16, "lora_alpha": 32, "learning_rate": 2e-4, "min_learning_rate": 2e-5},
+    "rollout": {"max_tokens": 1280, "dtype": "float32"},  # vLLM CPU would cast to bf16; the trainer trains fp32
+    "trainer": {"lora_rank": 16, "lora_alpha": 32, "learning_rate": 2e-3, "min_learning_rate": 2e-4, "epochs": 2},
 }
 
 
@@ -31,10 +31,10 @@ class DemoOptions:
     work_dir: Path = Path("runs/demo")
     run_id: str | None = None
     iterations: int = 3
-    queries: int = 4
-    responses: int = 4
+    queries: int = 8
+    responses: int = 8
     loss: str = "grace_kto"
-    eval_limit: int = 6
+    eval_limit: int = 12
     eval_max_tokens: int = 1280
 
 
@@ -47,10 +47,16 @@ def sft_policy(work_dir: Path, console: Console) -> Path:
     if marker.exists():
         console.print(f"SFT policy: reusing {out}")
         return out
-    with console.status("SFT: teaching the tiny policy the <summary>/<outline>/<answer> format"):
+    with console.status("SFT: teaching the tiny policy the <summary>/<outline>/<answer> format and query generation"):
         result = run_sft(SftOptions(out=out))
     marker.write_text(str(result.get("final_loss")))
-    console.print(f"SFT policy: {out} ({result['steps']} steps, final loss {result['final_loss']:.3f})")
+    rate = result["tag_rate"]
+    measured = "" if rate is None else f", sampled tag rate {rate:.0%} on the seed queries"
+    console.print(f"SFT policy: {out} ({result['steps']} steps in {len(result['rounds'])} round(s), "
+                  f"final loss {result['final_loss']:.3f}{measured})")  # fmt: skip
+    if rate is not None and rate < result["target_tag_rate"]:
+        console.print(f"[yellow]warning: the tag rate stayed under the target {result['target_tag_rate']:.0%}; "
+                      "iterations will see more unparsed responses[/yellow]")  # fmt: skip
     return out
 
 

@@ -32,14 +32,15 @@ def serve(
 
 def bench(
     preset: str = typer.Option("small", help="local model preset: small (tens of M params) or tiny"),
-    samples: int = typer.Option(48, help="weighted samples in the epoch (groups of 8)"),
+    samples: int = typer.Option(32, help="weighted samples in the epoch (groups of 8)"),
     batch_size: int = typer.Option(8, help="samples per optimizer step (paper: 8)"),
     min_tokens: int = typer.Option(64, help="shortest response, in tokens"),
     max_tokens: int = typer.Option(640, help="longest response, in tokens"),
     precision: str = typer.Option("fp32", help="fp32 or bf16 (the same for every method)"),
     lora_rank: int = typer.Option(64, help="LoRA rank (paper: 64)"),
     threads: int = typer.Option(0, help="torch threads per method (0 = torch default)"),
-    micro_batch_tokens: int = typer.Option(2048, help="GRACE-KTO/DPO padded tokens per forward"),
+    micro_batch_tokens: int = typer.Option(1024, help="GRACE-KTO/DPO padded tokens per forward (about one long sequence)"),
+    repeats: int = typer.Option(2, help="alternating GRACE-KTO/TRL runs; the fastest of each counts (shared machines)"),
     out: Path = typer.Option(None, help="folder for bench.json and the table (default: <run_root>/bench-trainer)"),
 ) -> None:
     """One GRACE-KTO epoch vs TRL's KTOTrainer (speed, peak memory) and vs DPO (peak memory), same run."""
@@ -47,7 +48,7 @@ def bench(
 
     run_bench(BenchOptions(preset=preset, samples=samples, batch_size=batch_size, min_tokens=min_tokens,
                            max_tokens=max_tokens, precision=precision, lora_rank=lora_rank, threads=threads,
-                           micro_batch_tokens=micro_batch_tokens, out=out))  # fmt: skip
+                           micro_batch_tokens=micro_batch_tokens, repeats=repeats, out=out))  # fmt: skip
 
 
 def sft(
@@ -63,6 +64,14 @@ def sft(
     section_tokens: int = typer.Option(
         None, help="cut each tagged section to N tokens (0 = off; default: 16 for models under 10M parameters, else off)"
     ),
+    tag_weight: float = typer.Option(None, help="loss weight of the structure tags (default: 1; 5 under 10M parameters)"),
+    target_tag_rate: float = typer.Option(
+        None, help="train in rounds until this share of sampled seed-query answers parses (default: off; 0.9 under 10M parameters)"
+    ),
+    max_rounds: int = typer.Option(None, help="most rounds of --epochs epochs (default: 1; 4 under 10M parameters)"),
+    query_generation_examples: int = typer.Option(
+        None, help="3.2 query-generation turns per epoch (default: 0; 4 under 10M parameters, the demo's generator)"
+    ),
     seed: int = typer.Option(0),
 ) -> None:
     """Supervised fine-tuning under the 3.1 system prompt (loss on response tokens): the starting policy."""
@@ -70,8 +79,10 @@ def sft(
 
     result = run_sft(SftOptions(data=data, out=out, base=base, mode=mode, epochs=epochs, lr=lr, max_steps=max_steps,
                                 batch_size=batch_size, max_length=max_length, seed=seed,
-                                section_tokens=section_tokens))  # fmt: skip
-    typer.echo(f"policy {result['out']} steps={result['steps']} final_loss={result['final_loss']:.4f}")
+                                section_tokens=section_tokens, tag_weight=tag_weight, target_tag_rate=target_tag_rate,
+                                max_rounds=max_rounds, query_generation_examples=query_generation_examples))  # fmt: skip
+    rate = "" if result["tag_rate"] is None else f" tag_rate={result['tag_rate']:.2f}"
+    typer.echo(f"policy {result['out']} steps={result['steps']} rounds={len(result['rounds'])} final_loss={result['final_loss']:.4f}{rate}")
 
 
 COMMANDS = {"sft": sft}

@@ -296,8 +296,10 @@ class Sequence:
         return len(self.ids) - self.prompt_len
 
 
-def sequence_logps(model: Any, sequences: list[Sequence], pad_id: int, runtime: Runtime) -> torch.Tensor:
-    """Summed response log-probabilities of each sequence, from one right-padded forward.
+def response_token_logps(
+    model: Any, sequences: list[Sequence], pad_id: int, runtime: Runtime
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-prob, row, token id) of every response token of the sequences, from one right-padded forward.
 
     Right padding needs no attention mask: under causal attention a real
     token never sees the padding after it. Only response positions go
@@ -318,4 +320,10 @@ def sequence_logps(model: Any, sequences: list[Sequence], pad_id: int, runtime: 
         targets = input_ids[:, 1:][target_mask]
         per_token = token_logps(selected, head, targets)
     rows = torch.arange(len(sequences), device=runtime.device)[:, None].expand_as(target_mask)[target_mask]
+    return per_token, rows, targets
+
+
+def sequence_logps(model: Any, sequences: list[Sequence], pad_id: int, runtime: Runtime) -> torch.Tensor:
+    """Summed response log-probabilities of each sequence (one forward, see ``response_token_logps``)."""
+    per_token, rows, _ = response_token_logps(model, sequences, pad_id, runtime)
     return torch.zeros(len(sequences), dtype=torch.float32, device=runtime.device).index_add(0, rows, per_token)

@@ -7,9 +7,13 @@ that vLLM serves and the trainer loads as its base; YaRN is applied at load
 time for training (as the rollout serves it) and never baked into the saved
 config.
 
-Defaults (measured on the tiny preset, 2 CPU cores): full-parameter, lr 2e-3,
-6 epochs over the 44 examples (36 steps of 8) take the tiny policy from
-untagged text to greedy outputs that ``extract_structured`` parses.
+Real models get the paper's defaults (one epoch). A model under 10M parameters
+(the tiny preset) trains in rounds of 100 epochs on sections cut to random
+16-token windows, the structure tags weighted 5x, until 90% of the answers it
+samples for the seed queries (temperature 1, top-p 0.95, as the rollout
+samples) parse: the demo's "SFT until the policy reliably emits the format".
+It also learns the 3.2 query-generation turn, since in the demo the policy is
+its own query generator (4 such turns per epoch, each a new draw).
 """
 
 from __future__ import annotations
@@ -26,20 +30,22 @@ from typing import Any
 
 import torch
 
+from shared.tiny_models import STRUCTURE_TAGS
+
 log = logging.getLogger(__name__)
 
 # Paper 4.1: full-parameter SFT, one epoch, lr 1e-6 (LoRA SFT: a LoRA-sized lr).
 PAPER_DEFAULTS = {
-    "full": {"epochs": 1, "lr": 1e-6, "batch_size": 8, "section_tokens": 0},
-    "lora": {"epochs": 1, "lr": 1e-4, "batch_size": 8, "section_tokens": 0},
+    "full": {"epochs": 1, "lr": 1e-6, "batch_size": 8, "section_tokens": 0, "tag_weight": 1.0, "target_tag_rate": 0.0, "max_rounds": 1, "query_generation_examples": 0},
+    "lora": {"epochs": 1, "lr": 1e-4, "batch_size": 8, "section_tokens": 0, "tag_weight": 1.0, "target_tag_rate": 0.0, "max_rounds": 1, "query_generation_examples": 0},
 }
 # Models under SMALL_MODEL_PARAMS (the local tiny preset) need far more updates, and short sections:
 # such a model cannot write a coherent long document, so on full-length examples its greedy output loops
 # inside <answer> and never closes it; on sections cut to 16 tokens (closing tags kept) it learns the format.
 SMALL_MODEL_PARAMS = 10_000_000
 SMALL_MODEL_DEFAULTS = {
-    "full": {"epochs": 50, "lr": 1e-2, "batch_size": 4, "section_tokens": 16},
-    "lora": {"epochs": 50, "lr": 1e-2, "batch_size": 4, "section_tokens": 16},
+    "full": {"epochs": 100, "lr": 1e-2, "batch_size": 4, "section_tokens": 16, "tag_weight": 5.0, "target_tag_rate": 0.9, "max_rounds": 4, "query_generation_examples": 4},
+    "lora": {"epochs": 100, "lr": 1e-2, "batch_size": 4, "section_tokens": 16, "tag_weight": 5.0, "target_tag_rate": 0.9, "max_rounds": 4, "query_generation_examples": 4},
 }
 
 
@@ -59,6 +65,14 @@ class SftOptions:
     seed: int = 0
     min_lr_ratio: float = 0.1
     warmup_ratio: float = 0.1
+    tag_weight: float | None = None  # loss weight of the structure tags and end of turn
+    target_tag_rate: float | None = None  # train in rounds until this share of sampled probe answers parses (0 = one round)
+    max_rounds: int | None = None
+    # query-generation turns (3.2 prompt on seed queries -> a one-line list holding an SFT query) per epoch:
+    # the tiny policy is also the demo's query generator
+    query_generation_examples: int | None = None
+    seed_queries: Path = Path("data/seed_queries.jsonl")  # the rollout's seed set: probe and generation prompts
+    probe_size: int = 24
 
 
 def load_examples(path: Path) -> list[tuple[str, str]]:
@@ -93,10 +107,19 @@ def condense(response: str, tokenizer: Any, max_tokens: int, rng: random.Random 
             f"<answer>{cut(parts.answer)}</answer>")  # fmt: skip
 
 
+def _single_token_ids(tokenizer: Any, tokens: list[str]) -> list[int]:
+    """Ids of those ``tokens`` the vocabulary holds as one token (the tiny tokenizer has the tags as tokens)."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in tokens]
+    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+
+
 def run_sft(opts: SftOptions) -> dict[str, Any]:
-    from services.trainer.batching import cosine_lr, micro_batches, plan_batches
+    """Trains in rounds of ``epochs`` epochs until the sampled tag rate on the probe queries reaches
+    the target, ``max_rounds`` or ``max_steps``; saves the policy. The first round follows a cosine
+    schedule from ``lr`` to ``lr * min_lr_ratio``; later rounds continue at the final rate (a warm
+    restart to the peak measurably undid the format on the tiny policy)."""
     from services.trainer.config import TrainerSettings
-    from services.trainer.model import base_model_path, load_base, load_tokenizer, lora_config, model_config, resolve_runtime, sequence_logps
+    from services.trainer.model import base_model_path, load_base, load_tokenizer, lora_config, model_config, resolve_runtime
     from services.trainer.train import Encoder
 
     if opts.mode not in PAPER_DEFAULTS:
@@ -108,10 +131,8 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
     model = load_base(base, runtime, settings.yarn_factor)
     small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS
     defaults = (SMALL_MODEL_DEFAULTS if small else PAPER_DEFAULTS)[opts.mode]
-    epochs = opts.epochs or defaults["epochs"]
-    lr = opts.lr or defaults["lr"]
-    batch_size = opts.batch_size or defaults["batch_size"]
-    section_tokens = defaults["section_tokens"] if opts.section_tokens is None else opts.section_tokens
+    chosen = {k: getattr(opts, k) if getattr(opts, k) is not None else v for k, v in defaults.items()}
+    epochs, lr, section_tokens = chosen["epochs"], chosen["lr"], chosen["section_tokens"]
     if opts.mode == "lora":
         from peft import get_peft_model
 
@@ -121,40 +142,35 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
         for param in model.parameters():
             param.requires_grad_(True)
     examples = load_examples(opts.data)
+    probe = load_queries(opts.seed_queries, opts.probe_size) if chosen["target_tag_rate"] else []
+    generation = QueryGenerationExamples(opts.seed_queries, [q for q, _ in examples], chosen["query_generation_examples"])
     encode = Encoder(tokenizer, opts.max_length)
     rng = random.Random(opts.seed)
-    # the sequences of each step; condensed examples draw new section windows every epoch
-    plan: list[list[Any]] = []
-    for epoch in range(epochs):
-        if epoch == 0 or section_tokens:
-            seqs = [encode(q, condense(r, tokenizer, section_tokens, rng) if section_tokens else r) for q, r in examples]
-        plan += [[seqs[i] for i in batch] for batch in plan_batches(len(seqs), batch_size, opts.seed + epoch)]
-        if opts.max_steps and len(plan) >= opts.max_steps:
-            break
-    if opts.max_steps:
-        plan = plan[: opts.max_steps]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    pad_id = tokenizer.pad_token_id or 0
+    tag_ids = torch.tensor(_single_token_ids(tokenizer, [*STRUCTURE_TAGS, tokenizer.eos_token]), device=runtime.device)
+    step_fn = _SftStep(model, params, optimizer, tag_ids, chosen["tag_weight"], tokenizer.pad_token_id or 0, runtime,
+                       settings.micro_batch_tokens)  # fmt: skip
     started = time.perf_counter()
     losses: list[float] = []
-    model.train()
+    rounds: list[dict[str, Any]] = []
     torch.manual_seed(opts.seed)
-    for step, batch in enumerate(plan):
-        tokens = sum(seq.response_len for seq in batch)
-        total = 0.0
-        for group in micro_batches([len(seq.ids) for seq in batch], settings.micro_batch_tokens):
-            logps = sequence_logps(model, [batch[g] for g in group], pad_id, runtime)
-            loss = -logps.sum() / tokens  # token-mean NLL of the batch's responses
-            loss.backward()
-            total += float(loss.detach())
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, len(plan), lr, lr * opts.min_lr_ratio, opts.warmup_ratio)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(total)
-        log.info("event=sft_step step=%d steps=%d loss=%.4f tokens=%d", step + 1, len(plan), total, tokens)
+    for round_index in range(chosen["max_rounds"]):
+        steps_left = opts.max_steps - len(losses) if opts.max_steps else None
+        plan = _plan_round(examples, generation, encode, tokenizer, rng, epochs, chosen["batch_size"], section_tokens,
+                           opts.seed + round_index * epochs, steps_left)  # fmt: skip
+        peak = lr if round_index == 0 else lr * opts.min_lr_ratio
+        round_losses = [step_fn(step, len(plan), batch, peak, opts, warmup=round_index == 0) for step, batch in enumerate(plan)]
+        losses += round_losses
+        rate = sampled_tag_rate(model, tokenizer, probe, _probe_tokens(section_tokens), opts.seed) if probe else None
+        rounds.append({"round": round_index + 1, "steps": len(plan), "loss": round_losses[-1] if plan else None, "tag_rate": rate})
+        log.info("event=sft_round round=%d steps=%d loss=%s tag_rate=%s target=%s", round_index + 1, len(plan),
+                 rounds[-1]["loss"], rate, chosen["target_tag_rate"])  # fmt: skip
+        if rate is None or rate >= chosen["target_tag_rate"] or (opts.max_steps and len(losses) >= opts.max_steps):
+            break
+    else:
+        log.warning("event=sft_tag_rate_below_target tag_rate=%s target=%s rounds=%d", rounds[-1]["tag_rate"],
+                    chosen["target_tag_rate"], len(rounds))  # fmt: skip
     seconds = time.perf_counter() - started
     if opts.mode == "lora":
         model = model.merge_and_unload()
@@ -162,12 +178,102 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
     model.config.rope_parameters = native.rope_parameters
     model.config.max_position_embeddings = native.max_position_embeddings
     model.config.use_cache = True
-    summary = {"base": str(base), "mode": opts.mode, "epochs": epochs, "lr": lr, "batch_size": batch_size, "steps": len(plan),
-               "examples": len(examples), "section_tokens": section_tokens, "final_loss": losses[-1] if losses else float("nan"),
-               "first_loss": losses[0] if losses else float("nan"), "seconds": round(seconds, 2)}  # fmt: skip
+    summary = {"base": str(base), "mode": opts.mode, **chosen, "steps": len(losses), "examples": len(examples),
+               "rounds": rounds, "tag_rate": rounds[-1]["tag_rate"], "first_loss": losses[0] if losses else float("nan"),
+               "final_loss": losses[-1] if losses else float("nan"), "seconds": round(seconds, 2)}  # fmt: skip
     _save_policy(model, tokenizer, Path(opts.out), summary)
-    log.info("event=sft_done out=%s %s", opts.out, " ".join(f"{k}={v}" for k, v in summary.items()))
+    log.info("event=sft_done out=%s %s", opts.out, " ".join(f"{k}={v}" for k, v in summary.items() if k != "rounds"))
     return {"out": str(opts.out), **summary}
+
+
+def _plan_round(examples: list[tuple[str, str]], generation: QueryGenerationExamples, encode: Any, tokenizer: Any,
+                rng: random.Random, epochs: int, batch_size: int, section_tokens: int, seed: int,
+                max_steps: int | None) -> list[list[Any]]:  # fmt: skip
+    """The sequences of each step of one round; condensed examples draw new section windows every epoch,
+    query-generation turns new examples and targets."""
+    from services.trainer.batching import plan_batches
+
+    plan: list[list[Any]] = []
+    for epoch in range(epochs):
+        if epoch == 0 or section_tokens or generation.per_epoch:
+            seqs = [encode(q, condense(r, tokenizer, section_tokens, rng) if section_tokens else r) for q, r in examples]
+            seqs += [encode("", target, messages) for messages, target in generation.draw(rng)]
+        plan += [[seqs[i] for i in batch] for batch in plan_batches(len(seqs), batch_size, seed + epoch)]
+        if max_steps and len(plan) >= max_steps:
+            return plan[:max_steps]
+    return plan
+
+
+class _SftStep:
+    """One optimizer step: token-mean NLL of the batch's responses, structure tags up-weighted."""
+
+    def __init__(self, model: Any, params: list[Any], optimizer: Any, tag_ids: torch.Tensor, tag_weight: float,
+                 pad_id: int, runtime: Any, micro_batch_tokens: int) -> None:  # fmt: skip
+        self.model, self.params, self.optimizer = model, params, optimizer
+        self.tag_ids, self.tag_weight, self.pad_id = tag_ids, tag_weight, pad_id
+        self.runtime, self.micro_batch_tokens = runtime, micro_batch_tokens
+
+    def __call__(self, step: int, steps: int, batch: list[Any], lr: float, opts: SftOptions, warmup: bool) -> float:
+        from services.trainer.batching import cosine_lr, micro_batches
+        from services.trainer.model import response_token_logps
+
+        self.model.train()
+        tokens = sum(seq.response_len for seq in batch)
+        total = 0.0
+        for group in micro_batches([len(seq.ids) for seq in batch], self.micro_batch_tokens):
+            per_token, _, targets = response_token_logps(self.model, [batch[g] for g in group], self.pad_id, self.runtime)
+            weights = torch.where(torch.isin(targets, self.tag_ids), self.tag_weight, 1.0)
+            loss = -(weights * per_token).sum() / tokens
+            loss.backward()
+            total += float(loss.detach())
+        for group in self.optimizer.param_groups:
+            group["lr"] = (cosine_lr(step, steps, lr, lr * opts.min_lr_ratio, opts.warmup_ratio) if warmup else lr)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        log.info("event=sft_step step=%d steps=%d loss=%.4f tokens=%d", step + 1, steps, total, tokens)
+        return total
+
+
+class QueryGenerationExamples:
+    """SFT turns for the 3.2 prompt: five seed queries as examples -> a list holding one training query.
+
+    The target is written as the rollout constrains the generator's output (one line, no ``"`` or ``\\``:
+    see ``services.rollout.worker.query_list_regex``).
+    """
+
+    def __init__(self, seed_queries: Path, targets: list[str], per_epoch: int):
+        from services.rollout.worker import load_queries as load_seed_queries
+
+        self.per_epoch = per_epoch
+        self.seeds = load_seed_queries(seed_queries) if per_epoch else []
+        self.targets = targets
+
+    def draw(self, rng: random.Random) -> list[tuple[list[dict[str, str]], str]]:
+        from services.rollout.queries import prompt_lang, sample_examples
+        from shared.prompts import query_generation_prompt
+
+        turns = []
+        for _ in range(self.per_epoch):
+            examples = sample_examples(self.seeds, rng)
+            prompt = query_generation_prompt([e.query for e in examples], prompt_lang(examples))
+            target = " ".join(rng.choice(self.targets).replace('"', "").replace("\\", "").split())
+            turns.append(([{"role": "user", "content": prompt}], json.dumps([target], ensure_ascii=False)))
+        return turns
+
+
+def load_queries(path: Path, limit: int) -> list[str]:
+    """``limit`` queries spread evenly over a jsonl file with a 'query' field (the SFT probe set)."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    queries = [row["query"] for row in rows][:: max(1, len(rows) // max(limit, 1))][:limit]
+    if not queries:
+        raise ValueError(f"{path}: no queries to probe the tag rate with")
+    return queries
+
+
+def _probe_tokens(section_tokens: int) -> int:
+    """New tokens a probe answer may take: room for three sections, so a looping section fails to close."""
+    return 8 * 3 * section_tokens if section_tokens else 2048
 
 
 def _save_policy(model: Any, tokenizer: Any, out: Path, summary: dict[str, Any]) -> None:
@@ -190,21 +296,26 @@ def _save_policy(model: Any, tokenizer: Any, out: Path, summary: dict[str, Any])
         raise
 
 
-def greedy_parse_rate(model_dir: str | Path, queries: list[str], max_new_tokens: int = 768, yarn_factor: float | None = 4.0) -> float:
-    """Share of ``queries`` whose greedy answer ``extract_structured`` parses (the SFT acceptance check)."""
-    from services.trainer.model import Runtime, load_base, load_tokenizer
+def sampled_tag_rate(model: Any, tokenizer: Any, queries: list[str], max_new_tokens: int, seed: int = 0,
+                     temperature: float = 1.0, top_p: float = 0.95) -> float:  # fmt: skip
+    """Share of ``queries`` whose sampled answer ``extract_structured`` parses.
+
+    Sampled as the rollout samples (temperature 1, top-p 0.95), not greedily: the
+    iterations train on sampled responses, so that is the rate that matters.
+    """
     from shared.parsing import extract_structured
     from shared.prompts import chat_messages
 
-    runtime = Runtime(torch.device("cpu"), torch.float32, False, False, "sdpa", False)
-    tokenizer = load_tokenizer(model_dir)
-    model = load_base(model_dir, runtime, yarn_factor).eval()
+    model.eval()
     model.config.use_cache = True
-    tokenizer.padding_side = "left"
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     texts = [tokenizer.apply_chat_template(chat_messages(q), add_generation_prompt=True, tokenize=False) for q in queries]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(next(model.parameters()).device)
+    tokenizer.padding_side = side
+    torch.manual_seed(seed)
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p,
+                             top_k=0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    model.config.use_cache = False
     answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     return sum(extract_structured(a) is not None for a in answers) / max(len(answers), 1)

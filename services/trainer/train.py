@@ -55,16 +55,18 @@ class Encoder:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def prompt(self, query: str) -> list[int]:
-        if query not in self._prompts:
-            text = self.tokenizer.apply_chat_template(chat_messages(query), add_generation_prompt=True, tokenize=False)
-            self._prompts[query] = self._ids(text)
-        return self._prompts[query]
+    def prompt(self, query: str, messages: list[dict[str, str]] | None = None) -> list[int]:
+        key = query if messages is None else json.dumps(messages)
+        if key not in self._prompts:
+            text = self.tokenizer.apply_chat_template(messages or chat_messages(query), add_generation_prompt=True, tokenize=False)
+            self._prompts[key] = self._ids(text)
+        return self._prompts[key]
 
-    def __call__(self, query: str, response: str) -> Sequence:
-        prompt = self.prompt(query)
-        messages = chat_messages(query) + [{"role": "assistant", "content": response}]
-        full = self._ids(self.tokenizer.apply_chat_template(messages, tokenize=False))
+    def __call__(self, query: str, response: str, messages: list[dict[str, str]] | None = None) -> Sequence:
+        """``messages``: another prompt than the 3.1 system prompt + ``query`` (SFT's query-generation turns)."""
+        prompt = self.prompt(query, messages)
+        turns = (messages or chat_messages(query)) + [{"role": "assistant", "content": response}]
+        full = self._ids(self.tokenizer.apply_chat_template(turns, tokenize=False))
         start = _common_prefix(prompt, full)  # where the response starts (tokens may merge at the boundary)
         response_ids = full[start:]
         eos = self.tokenizer.eos_token_id

@@ -6,8 +6,11 @@ import json
 import subprocess
 import sys
 
-from services.trainer.sft import condense
-from shared.parsing import extract_structured
+import random
+import re
+
+from services.trainer.sft import QueryGenerationExamples, condense, load_queries
+from shared.parsing import extract_structured, parse_query_list
 
 
 def test_condense_cuts_each_section_and_keeps_the_tags(tiny_models):
@@ -23,6 +26,53 @@ def test_condense_cuts_each_section_and_keeps_the_tags(tiny_models):
     assert condense("no tags here", tokenizer, 10) == "no tags here"
 
 
+def test_query_generation_turns_look_like_the_rollouts_generation_request(tmp_path):
+    from services.rollout.config import RolloutSettings
+    from services.rollout.worker import query_list_regex
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("\n".join(json.dumps({"query": f"Write report {i} on topic {i}", "lang": "en"}) for i in range(7)))
+    targets = ['Write the "annual" report:\n1. Background\n2. Results', "请撰写《工作报告》，包含以下部分：\n1. 背景"]
+    turns = QueryGenerationExamples(seeds, targets, per_epoch=5).draw(random.Random(0))
+    assert len(turns) == 5
+    regex = query_list_regex(RolloutSettings())
+    for messages, target in turns:
+        assert [m["role"] for m in messages] == ["user"]
+        assert sum(f"Write report {i} on" in messages[0]["content"] for i in range(7)) == 5, "five seed examples"
+        assert re.fullmatch(regex, target), target  # what the rollout's guided decoding can produce
+        (query,) = parse_query_list(target)
+        assert query in {"Write the annual report: 1. Background 2. Results", "请撰写《工作报告》，包含以下部分： 1. 背景"}
+    assert QueryGenerationExamples(seeds, targets, per_epoch=0).draw(random.Random(0)) == []
+
+
+def test_probe_queries_are_spread_over_the_seed_file(tmp_path):
+    path = tmp_path / "seeds.jsonl"
+    path.write_text("\n".join(json.dumps({"query": f"q{i}"}) for i in range(10)))
+    assert load_queries(path, 5) == ["q0", "q2", "q4", "q6", "q8"]
+    assert load_queries(path, 20) == [f"q{i}" for i in range(10)]
+
+
+def test_sft_trains_in_rounds_until_the_sampled_tag_rate_or_max_rounds(tiny_models, tmp_path):
+    from services.trainer.sft import SftOptions, run_sft
+
+    data = tmp_path / "sft.jsonl"
+    rows = [{"query": f"Write report {i}", "response": f"<summary>s{i}</summary><outline>o{i}</outline><answer>a{i} text</answer>"}
+            for i in range(4)]  # fmt: skip
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("\n".join(json.dumps({"query": f"Write a plan {i}", "lang": "en"}) for i in range(6)))
+    common = dict(data=data, base=str(tiny_models.policy), epochs=1, batch_size=4, seed_queries=seeds, probe_size=4,
+                  query_generation_examples=4)  # fmt: skip
+    # an unreachable target: every round runs, each measured
+    result = run_sft(SftOptions(out=tmp_path / "a", target_tag_rate=1.01, max_rounds=2, **common))
+    assert [r["round"] for r in result["rounds"]] == [1, 2]
+    assert all(0.0 <= r["tag_rate"] <= 1.0 for r in result["rounds"])
+    assert result["steps"] == 2 * 2, "(4 documents + 4 generation turns) / 4 per step, twice"
+    # target 0: no probe, one round
+    result = run_sft(SftOptions(out=tmp_path / "b", target_tag_rate=0.0, max_rounds=3, **common))
+    assert len(result["rounds"]) == 1 and result["tag_rate"] is None, "target 0 = no probe, one round"
+
+
 def test_grace_sft_writes_a_servable_policy_folder(tiny_models, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -32,7 +82,7 @@ def test_grace_sft_writes_a_servable_policy_folder(tiny_models, tmp_path):
     data.write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "policy"
     env_cmd = [sys.executable, "-m", "shared.cli", "sft", "--data", str(data), "--out", str(out), "--max-steps", "3",
-               "--batch-size", "2", "--base", str(tiny_models.policy)]  # fmt: skip
+               "--batch-size", "2", "--base", str(tiny_models.policy), "--query-generation-examples", "0"]  # fmt: skip
     proc = subprocess.run(env_cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "steps=3" in proc.stdout
@@ -42,6 +92,7 @@ def test_grace_sft_writes_a_servable_policy_folder(tiny_models, tmp_path):
     assert config.rope_parameters["rope_type"] == "default", "YaRN is applied at serve time, never saved"
     state = json.loads((out / "sft_state.json").read_text())
     assert state["steps"] == 3 and state["section_tokens"] > 0 and state["final_loss"] < state["first_loss"] + 1
+    assert len(state["rounds"]) == 1 and 0.0 <= state["tag_rate"] <= 1.0, "max-steps ends the rounds; the rate is measured"
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert tokenizer.chat_template and model.config.vocab_size == len(tokenizer)
