@@ -34,6 +34,7 @@ class YamlSectionSource(PydanticBaseSettingsSource):
     def __init__(self, settings_cls: type[BaseSettings], section: str):
         super().__init__(settings_cls)
         self.values: dict[str, Any] = {}
+        self.common: dict[str, Any] = {}
         path = os.environ.get("GRACE_CONFIG")
         if not path:
             return
@@ -45,6 +46,7 @@ class YamlSectionSource(PydanticBaseSettingsSource):
             if not isinstance(part, dict):
                 raise ValueError(f"GRACE_CONFIG {path}: section {key!r} must be a mapping")
             self.values.update(part)
+        self.common = dict(data.get("common") or {})
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return self.values.get(field_name), field_name, False
@@ -89,7 +91,12 @@ class ServiceSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, YamlSectionSource(settings_cls, cls.section), file_secret_settings)
+        return (init_settings, env_settings, cls.yaml_source(settings_cls), file_secret_settings)
+
+    @classmethod
+    def yaml_source(cls, settings_cls: type[BaseSettings]) -> YamlSectionSource:
+        """The YAML part of the settings (a service may extend ``YamlSectionSource``)."""
+        return YamlSectionSource(settings_cls, cls.section)
 
     def api_key_value(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key else None

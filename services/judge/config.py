@@ -8,13 +8,10 @@ service or a dedicated judge model).
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import ClassVar, Literal
 
-import yaml
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
+from pydantic_settings import BaseSettings
 
 from shared.settings import ServiceSettings, YamlSectionSource, service_config
 
@@ -26,11 +23,8 @@ class JudgeYamlSource(YamlSectionSource):
 
     def __init__(self, settings_cls: type[BaseSettings]):
         super().__init__(settings_cls, "judge")
-        path = os.environ.get("GRACE_CONFIG")
-        data = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
-        common = data.get("common") or {}
-        if "api_key" in common:
-            self.values.setdefault("server_api_key", common["api_key"])
+        if "api_key" in self.common:
+            self.values.setdefault("server_api_key", self.common["api_key"])
 
 
 class JudgeSettings(ServiceSettings):
@@ -73,15 +67,8 @@ class JudgeSettings(ServiceSettings):
     max_batch_items: int = Field(256, ge=1, description="largest /v1/judge/batch (422 above)")
 
     @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, JudgeYamlSource(settings_cls), file_secret_settings)
+    def yaml_source(cls, settings_cls: type[BaseSettings]) -> YamlSectionSource:
+        return JudgeYamlSource(settings_cls)
 
     def backend_api_key(self) -> str:
         return self.api_key.get_secret_value() if self.api_key else "EMPTY"
