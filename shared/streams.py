@@ -10,6 +10,7 @@ Consumers must therefore be idempotent (every payload carries an id).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -55,8 +56,10 @@ class StreamConsumer:
         min_idle_ms: int = 60_000,
         max_deliveries: int = 5,
         start_id: str = "0",
+        on_dead_letter: Callable[[StreamEntry, str], None] | None = None,
     ):
         self.client = client
+        self.on_dead_letter = on_dead_letter
         self.stream = stream
         self.group = group
         self.consumer = consumer
@@ -125,8 +128,14 @@ class StreamConsumer:
         return self.client.xack(self.stream, self.group, *ids) if ids else 0
 
     def dead_letter(self, entry: StreamEntry, reason: str) -> None:
-        """Moves an entry to ``<stream>:dead`` with the reason, then acks it."""
+        """Moves an entry to ``<stream>:dead`` with the reason, then acks it.
+
+        ``on_dead_letter`` runs first: if it raises, the entry stays pending and
+        the next delivery tries again, so what the hook records is never lost.
+        """
         log.warning("event=dead_letter stream=%s id=%s reason=%s", self.stream, entry.id, reason)
+        if self.on_dead_letter is not None:
+            self.on_dead_letter(entry, reason)
         fields = dict(entry.fields)
         fields.update(
             {"dead.id": entry.id, "dead.group": self.group, "dead.reason": reason, "dead.deliveries": str(entry.deliveries)}

@@ -4,6 +4,7 @@ Keys, per run and iteration (``<p>`` = ``grace:reward:<run>``):
 
 - ``<p>:expected``        hash iteration -> K, from IterationComplete(stage="rollout");
 - ``<p>:<it>:groups``     hash group_id -> the group and its per-response metrics;
+- ``<p>:<it>:dropped``    hash group_id -> why it was dead-lettered (it counts as done, with no samples);
 - ``<p>:<it>:published``  set of sample ids already on the samples stream
                           (plus ``iteration_complete`` once the marker is out);
 - ``<p>:<it>:lock``       finalization lock (SET NX PX, token-checked release).
@@ -67,6 +68,7 @@ class IterationState:
         prefix = f"grace:reward:{run_id}"
         self.expected_key = f"{prefix}:expected"
         self.groups_key = f"{prefix}:{iteration}:groups"
+        self.dropped_key = f"{prefix}:{iteration}:dropped"
         self.published_key = f"{prefix}:{iteration}:published"
         self.lock_key = f"{prefix}:{iteration}:lock"
         self._publish = client.register_script(_PUBLISH_ONCE)
@@ -86,6 +88,17 @@ class IterationState:
     def scored_count(self) -> int:
         return int(self.client.hlen(self.groups_key))
 
+    def drop(self, group_id: str, reason: str) -> None:
+        """A group that will never be scored (dead-lettered): the iteration finalizes without it."""
+        self.client.hset(self.dropped_key, group_id, reason)
+
+    def dropped(self) -> dict[str, str]:
+        return {_text(k): _text(v) for k, v in self.client.hgetall(self.dropped_key).items()}
+
+    def done_count(self) -> int:
+        """Groups scored or dropped."""
+        return len({_text(k) for k in self.client.hkeys(self.groups_key)} | set(self.dropped()))
+
     def load_all(self) -> list[ScoredGroup]:
         groups = [ScoredGroup.from_json(v) for v in self.client.hvals(self.groups_key)]
         return sorted(groups, key=lambda s: (s.group.group_index, s.group.group_id))
@@ -100,7 +113,7 @@ class IterationState:
 
     def is_complete(self) -> bool:
         expected = self.expected()
-        return expected is not None and self.scored_count() >= expected
+        return expected is not None and self.done_count() >= expected
 
     def is_finalized(self) -> bool:
         return bool(self.client.sismember(self.published_key, MARKER_ID))
@@ -120,7 +133,7 @@ class IterationState:
     def expire(self) -> None:
         """Keeps the finalized iteration's state for ``ttl_s`` (redeliveries still find it), then lets it go."""
         pipe = self.client.pipeline()
-        for key in (self.groups_key, self.published_key):
+        for key in (self.groups_key, self.published_key, self.dropped_key):
             pipe.expire(key, self.ttl_s)
         pipe.execute()
 
@@ -131,3 +144,7 @@ class IterationState:
 
     def release(self, token: str) -> None:
         self._release(keys=[self.lock_key], args=[token])
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

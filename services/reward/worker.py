@@ -23,7 +23,7 @@ from services.reward.calibration import calibrate
 from services.reward.config import RewardSettings
 from services.reward.state import MARKER_ID, IterationState, ScoredGroup
 from services.reward.telemetry import Telemetry
-from shared.schemas import STREAM_ROLLOUTS, STREAM_SAMPLES, IterationComplete, RolloutGroup, WeightedSample
+from shared.schemas import STREAM_ROLLOUTS, STREAM_SAMPLES, IterationComplete, RolloutGroup, WeightedSample, decode_message
 from shared.streams import StreamConsumer, StreamEntry
 
 log = logging.getLogger(__name__)
@@ -58,16 +58,19 @@ class RewardWorker:
         self.telemetry = telemetry or Telemetry()
         self.consumer = StreamConsumer(
             client, STREAM_ROLLOUTS, settings.consumer_group, settings.consumer_name,
-            min_idle_ms=settings.min_idle_ms, max_deliveries=settings.max_deliveries,
+            min_idle_ms=settings.min_idle_ms, max_deliveries=settings.max_deliveries, on_dead_letter=self._dropped,
         )  # fmt: skip
+        self._to_finalize: list[IterationState] = []  # iterations a dead-lettered group may have completed
 
     def run(self, stop: threading.Event) -> None:
         log.info("event=worker_started consumer=%s group=%s", self.settings.consumer_name, self.settings.consumer_group)
         while not stop.is_set():
             try:
                 entries = self.consumer.read(count=self.settings.worker_batch, block_ms=self.settings.block_ms)
+                while self._to_finalize:
+                    self.finalize(self._to_finalize.pop())
                 if entries:
-                    self.process(entries)
+                    self.process_isolating_failures(entries)
             except redis.ConnectionError as exc:
                 log.warning("event=worker_redis_error error=%s", exc)
                 stop.wait(1.0)
@@ -76,6 +79,36 @@ class RewardWorker:
                 log.exception("event=worker_batch_failed")
                 stop.wait(1.0)
         log.info("event=worker_stopped consumer=%s", self.settings.consumer_name)
+
+    def process_isolating_failures(self, entries: list[StreamEntry]) -> None:
+        """``process``; if the batch fails, each entry alone, so one poison group (dead-lettered after
+        ``max_deliveries``) cannot take its batch-mates with it."""
+        try:
+            self.process(entries)
+        except Exception:
+            if len(entries) == 1:
+                raise
+            log.exception("event=worker_batch_failed entries=%d retrying=one_by_one", len(entries))
+            self.telemetry.worker_errors.inc()
+            for entry in entries:
+                try:
+                    self.process([entry])
+                except Exception:
+                    self.telemetry.worker_errors.inc()
+                    log.exception("event=worker_entry_failed id=%s deliveries=%d", entry.id, entry.deliveries)
+
+    def _dropped(self, entry: StreamEntry, reason: str) -> None:
+        """A rollout group is being dead-lettered: its iteration will finalize without it."""
+        try:
+            payload = decode_message(entry.fields)
+        except ValueError:
+            return
+        if isinstance(payload, RolloutGroup):
+            state = self._state(payload.run_id, payload.iteration)
+            state.drop(payload.group_id, reason)
+            self._to_finalize.append(state)
+            log.warning("event=group_dropped run=%s iteration=%d group=%s reason=%s", payload.run_id,
+                        payload.iteration, payload.group_id, reason)  # fmt: skip
 
     def process(self, entries: list[StreamEntry]) -> None:
         touched: dict[tuple[str, int], IterationState] = {}
@@ -152,6 +185,6 @@ class RewardWorker:
         self.telemetry.samples_published.inc(added)
         self.telemetry.iterations.inc()
         log.info(
-            "event=iteration_finalized run=%s iteration=%d samples=%d newly_published=%d seconds=%.2f",
-            state.run_id, state.iteration, len(samples), added, time.perf_counter() - started,
+            "event=iteration_finalized run=%s iteration=%d samples=%d newly_published=%d dropped_groups=%d seconds=%.2f",
+            state.run_id, state.iteration, len(samples), added, len(state.dropped()), time.perf_counter() - started,
         )  # fmt: skip

@@ -117,6 +117,31 @@ def test_two_workers_share_groups_and_normalize_once(redis_client, reward_scorer
     assert sum(w.telemetry.registry.get_sample_value("grace_reward_worker_iterations_total") for w in workers) == 1
 
 
+def test_a_poison_group_is_dead_lettered_and_the_iteration_finalizes_without_it(redis_client, reward_scorer, tiny_models):
+    groups = make_groups("r5", 0, 3)
+    poison = groups[1].model_copy(update={"query": "poison: the scorer raises on this group"})
+    groups[1] = poison
+    for g in groups:
+        publish(redis_client, STREAM_ROLLOUTS, g)
+    publish(redis_client, STREAM_ROLLOUTS, IterationComplete(run_id="r5", iteration=0, stage="rollout", count=3))
+
+    def score(items):
+        if any(query.startswith("poison") for query, _ in items):
+            raise RuntimeError("scorer failure on one group")
+        return reward_scorer.score(items)
+
+    settings = model_settings(tiny_models, consumer_name="w5", block_ms=50, min_idle_ms=100, max_deliveries=2)
+    worker = RewardWorker(redis_client, score, settings)
+    run_workers([worker], lambda: published(redis_client)[1])
+    good = [groups[0], groups[2]]
+    samples = check_iteration(redis_client, good, "r5", 0)  # batch-mates of the poison group are not lost
+    assert {s.group_id for s in samples} == {g.group_id for g in good}
+    dead = [decode_message(f) for _, f in redis_client.xrange(STREAM_ROLLOUTS + ":dead")]
+    assert [d.group_id for d in dead] == [poison.group_id]
+    assert list(IterationState(redis_client, "r5", 0).dropped()) == [poison.group_id]
+    assert redis_client.xpending(STREAM_ROLLOUTS, "reward")["pending"] == 0
+
+
 def test_finalization_resumed_after_a_crash_publishes_the_rest_once(redis_client, reward_scorer, tiny_models):
     groups = make_groups("r3", 1, 3)
     settings = model_settings(tiny_models, consumer_name="w3", block_ms=50)
