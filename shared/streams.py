@@ -151,6 +151,23 @@ def _id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def prune_idle_groups(client: redis.Redis, stream: str, prefix: str, *, keep: str, max_idle_ms: int) -> list[str]:
+    """Destroys the consumer groups of ``stream`` named ``prefix...`` (except ``keep``) whose consumers
+    have all been idle for ``max_idle_ms``: the groups of replicas that are gone (a restarted pod gets
+    a new name). Groups without consumers are left alone (a replica that has not read yet)."""
+    removed = []
+    for info in client.xinfo_groups(stream):
+        name = _text(info["name"])
+        if not name.startswith(prefix) or name == keep:
+            continue
+        consumers = client.xinfo_consumers(stream, name)
+        if consumers and min(int(c["idle"]) for c in consumers) >= max_idle_ms:
+            client.xgroup_destroy(stream, name)
+            removed.append(name)
+            log.info("event=idle_group_removed stream=%s group=%s", stream, name)
+    return removed
+
+
 class IterationManifest:
     """How many items each stage of an iteration holds, and which are done.
 

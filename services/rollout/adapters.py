@@ -24,7 +24,7 @@ import redis
 
 from shared.adapters import ADAPTER_FILES, AdapterStore, adapter_checksum, adapter_rank
 from shared.schemas import STREAM_ADAPTERS, AdapterEvent, AdapterStatus
-from shared.streams import StreamConsumer, StreamEntry, publish
+from shared.streams import StreamConsumer, StreamEntry, prune_idle_groups, publish
 
 from services.rollout.registry import AdapterRecord, AdapterRegistry
 
@@ -75,6 +75,7 @@ class AdapterManager:
         replica: str,
         max_rank: int,
         block_ms: int = 1000,
+        group_max_idle_s: float = 0,
     ):
         self.redis = client
         self.registry = registry
@@ -84,6 +85,7 @@ class AdapterManager:
         self.max_rank = max_rank
         self.block_ms = block_ms
         self.consumer = StreamConsumer(client, STREAM_ADAPTERS, f"rollout:{replica}", replica)
+        self.group_max_idle_s = group_max_idle_s
         self._stop = threading.Event()
 
     # ---------------------------------------------------------------- stream side
@@ -100,7 +102,11 @@ class AdapterManager:
             return []
 
     def catch_up(self) -> int:
-        """Handles the backlog without blocking (before the replica reports ready); returns the entries read."""
+        """Handles the backlog without blocking (before the replica reports ready); returns the entries read.
+        First removes the groups of replicas gone for ``group_max_idle_s`` (they would only grow)."""
+        if self.group_max_idle_s > 0:
+            prune_idle_groups(self.redis, STREAM_ADAPTERS, "rollout:", keep=self.consumer.group,
+                              max_idle_ms=int(self.group_max_idle_s * 1000))  # fmt: skip
         total = 0
         while True:
             entries = self.receive(None)

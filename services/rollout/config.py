@@ -55,6 +55,9 @@ class RolloutSettings(ServiceSettings):
     # ---------------------------------------------------------------- adapter manager
     replica: str = Field(default_factory=socket.gethostname, description="replica name: one consumer group per replica (fan-out)")
     adapter_poll_ms: int = Field(1000, description="blocking read on the adapter stream")
+    adapter_group_max_idle_s: float = Field(
+        86_400, ge=0, description="at start, remove other replicas' adapter groups idle this long (gone pods; 0 = keep all)"
+    )
 
     # ---------------------------------------------------------------- worker (paper 3.2-3.3)
     gateway_url: str | None = Field(None, description="OpenAI base URL the worker samples from (unset = http://127.0.0.1:<port>)")

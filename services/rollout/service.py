@@ -146,6 +146,7 @@ class RolloutService:
                 self.manager = AdapterManager(
                     connect(settings.redis_url), registry, vllm_url, adapter_root=settings.adapter_root,
                     replica=settings.replica, max_rank=settings.max_lora_rank, block_ms=settings.adapter_poll_ms,
+                    group_max_idle_s=settings.adapter_group_max_idle_s,
                 )  # fmt: skip
                 # catch up with the adapter stream first, so a new replica never serves an older `policy`
                 backlog = self.manager.catch_up()

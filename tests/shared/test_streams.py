@@ -8,7 +8,7 @@ import time
 import redis
 
 from shared.schemas import STREAM_ROLLOUTS, IterationComplete, RolloutGroup
-from shared.streams import IterationManifest, StreamConsumer, publish
+from shared.streams import IterationManifest, StreamConsumer, prune_idle_groups, publish
 
 
 def _group(i: int) -> RolloutGroup:
@@ -86,6 +86,43 @@ def test_dead_letter_after_max_deliveries(redis_client):
     fields = {k.decode(): v.decode() for k, v in dead[0][1].items()}
     assert fields["dead.id"] == entry_id and fields["dead.deliveries"] == "4"
     assert redis_client.xpending(STREAM_ROLLOUTS, "reward")["pending"] == 0
+
+
+def test_dead_letter_hook_runs_first_and_a_failing_hook_keeps_the_entry(redis_client):
+    entry_id = publish(redis_client, STREAM_ROLLOUTS, _group(2))
+    recorded = []
+
+    def failing(entry, reason):
+        raise RuntimeError("hook down")
+
+    def recording(entry, reason):
+        assert redis_client.xpending(STREAM_ROLLOUTS, "reward")["pending"] == 1, "still pending while the hook runs"
+        recorded.append((entry.id, reason))
+
+    StreamConsumer(redis_client, STREAM_ROLLOUTS, "reward", "c", max_deliveries=1).read(block_ms=10)  # delivery 1
+    hooked = StreamConsumer(redis_client, STREAM_ROLLOUTS, "reward", "c", max_deliveries=1, on_dead_letter=failing)
+    try:
+        hooked.read(block_ms=10)
+        raise AssertionError("the hook's error propagates")
+    except RuntimeError:
+        pass
+    assert redis_client.xpending(STREAM_ROLLOUTS, "reward")["pending"] == 1 and not redis_client.exists(f"{STREAM_ROLLOUTS}:dead")
+    StreamConsumer(redis_client, STREAM_ROLLOUTS, "reward", "c", max_deliveries=1, on_dead_letter=recording).read(block_ms=10)
+    assert recorded == [(entry_id, "delivered 3 times (max 1)")]
+    assert redis_client.xlen(f"{STREAM_ROLLOUTS}:dead") == 1
+
+
+def test_prune_idle_groups_removes_only_idle_replica_groups(redis_client):
+    publish(redis_client, STREAM_ROLLOUTS, _group(0))
+    for name in ("rollout:gone", "rollout:live", "rollout:me", "reward"):
+        StreamConsumer(redis_client, STREAM_ROLLOUTS, name, "c").read(block_ms=10)
+    redis_client.xgroup_create(STREAM_ROLLOUTS, "rollout:new-no-consumer", id="0")
+    time.sleep(0.3)
+    StreamConsumer(redis_client, STREAM_ROLLOUTS, "rollout:live", "c").read(block_ms=10)  # recently active
+    removed = prune_idle_groups(redis_client, STREAM_ROLLOUTS, "rollout:", keep="rollout:me", max_idle_ms=200)
+    assert removed == ["rollout:gone"]
+    left = {g["name"].decode() for g in redis_client.xinfo_groups(STREAM_ROLLOUTS)}
+    assert left == {"rollout:live", "rollout:me", "rollout:new-no-consumer", "reward"}
 
 
 def test_undecodable_entry_is_reported_not_raised(redis_client):
