@@ -44,8 +44,8 @@ PAPER_DEFAULTS = {
 # inside <answer> and never closes it; on sections cut to 16 tokens (closing tags kept) it learns the format.
 SMALL_MODEL_PARAMS = 10_000_000
 SMALL_MODEL_DEFAULTS = {
-    "full": {"epochs": 100, "lr": 1e-2, "batch_size": 4, "section_tokens": 16, "tag_weight": 5.0, "target_tag_rate": 0.9, "max_rounds": 4, "query_generation_examples": 4},
-    "lora": {"epochs": 100, "lr": 1e-2, "batch_size": 4, "section_tokens": 16, "tag_weight": 5.0, "target_tag_rate": 0.9, "max_rounds": 4, "query_generation_examples": 4},
+    "full": {"epochs": 100, "lr": 1e-2, "batch_size": 4, "section_tokens": 16, "tag_weight": 5.0, "target_tag_rate": 0.9, "max_rounds": 3, "query_generation_examples": 4},
+    "lora": {"epochs": 100, "lr": 1e-2, "batch_size": 4, "section_tokens": 16, "tag_weight": 5.0, "target_tag_rate": 0.9, "max_rounds": 3, "query_generation_examples": 4},
 }
 
 
@@ -72,7 +72,7 @@ class SftOptions:
     # the tiny policy is also the demo's query generator
     query_generation_examples: int | None = None
     seed_queries: Path = Path("data/seed_queries.jsonl")  # the rollout's seed set: probe and generation prompts
-    probe_size: int = 24
+    probe_size: int = 48
 
 
 def load_examples(path: Path) -> list[tuple[str, str]]:
@@ -115,7 +115,7 @@ def _single_token_ids(tokenizer: Any, tokens: list[str]) -> list[int]:
 
 def run_sft(opts: SftOptions) -> dict[str, Any]:
     """Trains in rounds of ``epochs`` epochs until the sampled tag rate on the probe queries reaches
-    the target, ``max_rounds`` or ``max_steps``; saves the policy. The first round follows a cosine
+    the target, ``max_rounds`` or ``max_steps``; saves the round with the best rate. The first round follows a cosine
     schedule from ``lr`` to ``lr * min_lr_ratio``; later rounds continue at the final rate (a warm
     restart to the peak measurably undid the format on the tiny policy)."""
     from services.trainer.config import TrainerSettings
@@ -154,6 +154,7 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
     started = time.perf_counter()
     losses: list[float] = []
     rounds: list[dict[str, Any]] = []
+    best: tuple[float, int, dict[str, torch.Tensor] | None] = (-1.0, -1, None)  # (tag rate, round, weights)
     torch.manual_seed(opts.seed)
     for round_index in range(chosen["max_rounds"]):
         steps_left = opts.max_steps - len(losses) if opts.max_steps else None
@@ -166,11 +167,16 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
         rounds.append({"round": round_index + 1, "steps": len(plan), "loss": round_losses[-1] if plan else None, "tag_rate": rate})
         log.info("event=sft_round round=%d steps=%d loss=%s tag_rate=%s target=%s", round_index + 1, len(plan),
                  rounds[-1]["loss"], rate, chosen["target_tag_rate"])  # fmt: skip
+        if rate is not None and rate > best[0]:  # the best round so far (a later round may lose the format again)
+            best = (rate, round_index, {k: v.detach().clone() for k, v in model.state_dict().items()})
         if rate is None or rate >= chosen["target_tag_rate"] or (opts.max_steps and len(losses) >= opts.max_steps):
             break
     else:
-        log.warning("event=sft_tag_rate_below_target tag_rate=%s target=%s rounds=%d", rounds[-1]["tag_rate"],
+        log.warning("event=sft_tag_rate_below_target best_tag_rate=%s target=%s rounds=%d", best[0],
                     chosen["target_tag_rate"], len(rounds))  # fmt: skip
+    if best[2] is not None and best[1] != len(rounds) - 1:
+        model.load_state_dict(best[2])
+        log.info("event=sft_best_round round=%d tag_rate=%s", best[1] + 1, best[0])
     seconds = time.perf_counter() - started
     if opts.mode == "lora":
         model = model.merge_and_unload()
@@ -179,7 +185,8 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
     model.config.max_position_embeddings = native.max_position_embeddings
     model.config.use_cache = True
     summary = {"base": str(base), "mode": opts.mode, **chosen, "steps": len(losses), "examples": len(examples),
-               "rounds": rounds, "tag_rate": rounds[-1]["tag_rate"], "first_loss": losses[0] if losses else float("nan"),
+               "rounds": rounds, "tag_rate": rounds[best[1]]["tag_rate"] if best[2] is not None else rounds[-1]["tag_rate"],
+               "kept_round": (best[1] if best[2] is not None else len(rounds) - 1) + 1, "first_loss": losses[0] if losses else float("nan"),
                "final_loss": losses[-1] if losses else float("nan"), "seconds": round(seconds, 2)}  # fmt: skip
     _save_policy(model, tokenizer, Path(opts.out), summary)
     log.info("event=sft_done out=%s %s", opts.out, " ".join(f"{k}={v}" for k, v in summary.items() if k != "rounds"))

@@ -67,6 +67,8 @@ def test_sft_trains_in_rounds_until_the_sampled_tag_rate_or_max_rounds(tiny_mode
     result = run_sft(SftOptions(out=tmp_path / "a", target_tag_rate=1.01, max_rounds=2, **common))
     assert [r["round"] for r in result["rounds"]] == [1, 2]
     assert all(0.0 <= r["tag_rate"] <= 1.0 for r in result["rounds"])
+    best = max(result["rounds"], key=lambda r: r["tag_rate"])  # the first of equals
+    assert result["kept_round"] == best["round"] and result["tag_rate"] == best["tag_rate"]
     assert result["steps"] == 2 * 2, "(4 documents + 4 generation turns) / 4 per step, twice"
     # target 0: no probe, one round
     result = run_sft(SftOptions(out=tmp_path / "b", target_tag_rate=0.0, max_rounds=3, **common))
