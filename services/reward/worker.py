@@ -60,15 +60,12 @@ class RewardWorker:
             client, STREAM_ROLLOUTS, settings.consumer_group, settings.consumer_name,
             min_idle_ms=settings.min_idle_ms, max_deliveries=settings.max_deliveries, on_dead_letter=self._dropped,
         )  # fmt: skip
-        self._to_finalize: list[IterationState] = []  # iterations a dead-lettered group may have completed
 
     def run(self, stop: threading.Event) -> None:
         log.info("event=worker_started consumer=%s group=%s", self.settings.consumer_name, self.settings.consumer_group)
         while not stop.is_set():
             try:
                 entries = self.consumer.read(count=self.settings.worker_batch, block_ms=self.settings.block_ms)
-                while self._to_finalize:
-                    self.finalize(self._to_finalize.pop())
                 if entries:
                     self.process_isolating_failures(entries)
             except redis.ConnectionError as exc:
@@ -98,7 +95,8 @@ class RewardWorker:
                     log.exception("event=worker_entry_failed id=%s deliveries=%d", entry.id, entry.deliveries)
 
     def _dropped(self, entry: StreamEntry, reason: str) -> None:
-        """A rollout group is being dead-lettered: its iteration will finalize without it."""
+        """A rollout group is being dead-lettered: its iteration finalizes without it. Runs before the
+        entry is acked, so a crash here leaves the entry pending and its next delivery does this again."""
         try:
             payload = decode_message(entry.fields)
         except ValueError:
@@ -106,9 +104,9 @@ class RewardWorker:
         if isinstance(payload, RolloutGroup):
             state = self._state(payload.run_id, payload.iteration)
             state.drop(payload.group_id, reason)
-            self._to_finalize.append(state)
             log.warning("event=group_dropped run=%s iteration=%d group=%s reason=%s", payload.run_id,
                         payload.iteration, payload.group_id, reason)  # fmt: skip
+            self.finalize(state)
 
     def process(self, entries: list[StreamEntry]) -> None:
         touched: dict[tuple[str, int], IterationState] = {}

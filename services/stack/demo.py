@@ -52,8 +52,8 @@ def sft_policy(work_dir: Path, console: Console) -> Path:
     marker.write_text(str(result.get("final_loss")))
     rate = result["tag_rate"]
     measured = "" if rate is None else f", sampled tag rate {rate:.0%} on the seed queries"
-    console.print(f"SFT policy: {out} ({result['steps']} steps in {len(result['rounds'])} round(s), "
-                  f"final loss {result['final_loss']:.3f}{measured})")  # fmt: skip
+    console.print(f"SFT policy: {out} ({result['steps']} steps in {len(result['rounds'])} round(s), kept round "
+                  f"{result['kept_round']}, final loss {result['final_loss']:.3f}{measured})")  # fmt: skip
     if rate is not None and rate < result["target_tag_rate"]:
         console.print(f"[yellow]warning: the tag rate stayed under the target {result['target_tag_rate']:.0%}; "
                       "iterations will see more unparsed responses[/yellow]")  # fmt: skip
