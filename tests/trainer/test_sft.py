@@ -13,6 +13,14 @@ from services.trainer.sft import QueryGenerationExamples, condense, load_queries
 from shared.parsing import extract_structured, parse_query_list
 
 
+def write_examples(path, n: int):
+    """``n`` tagged SFT examples in a jsonl file."""
+    rows = [{"query": f"Write report {i}", "response": f"<summary>s{i}</summary><outline>o{i}</outline><answer>a{i} text</answer>"}
+            for i in range(n)]  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
 def test_condense_cuts_each_section_and_keeps_the_tags(tiny_models):
     from transformers import AutoTokenizer
 
@@ -55,10 +63,7 @@ def test_probe_queries_are_spread_over_the_seed_file(tmp_path):
 def test_sft_trains_in_rounds_until_the_sampled_tag_rate_or_max_rounds(tiny_models, tmp_path):
     from services.trainer.sft import SftOptions, run_sft
 
-    data = tmp_path / "sft.jsonl"
-    rows = [{"query": f"Write report {i}", "response": f"<summary>s{i}</summary><outline>o{i}</outline><answer>a{i} text</answer>"}
-            for i in range(4)]  # fmt: skip
-    data.write_text("\n".join(json.dumps(r) for r in rows))
+    data = write_examples(tmp_path / "sft.jsonl", 4)
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text("\n".join(json.dumps({"query": f"Write a plan {i}", "lang": "en"}) for i in range(6)))
     common = dict(data=data, base=str(tiny_models.policy), epochs=1, batch_size=4, seed_queries=seeds, probe_size=4,
@@ -78,10 +83,7 @@ def test_sft_trains_in_rounds_until_the_sampled_tag_rate_or_max_rounds(tiny_mode
 def test_grace_sft_writes_a_servable_policy_folder(tiny_models, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    data = tmp_path / "sft.jsonl"
-    rows = [{"query": f"Write report {i}", "response": f"<summary>s{i}</summary><outline>o{i}</outline><answer>a{i} text</answer>"}
-            for i in range(6)]  # fmt: skip
-    data.write_text("\n".join(json.dumps(r) for r in rows))
+    data = write_examples(tmp_path / "sft.jsonl", 6)
     out = tmp_path / "policy"
     env_cmd = [sys.executable, "-m", "shared.cli", "sft", "--data", str(data), "--out", str(out), "--max-steps", "3",
                "--batch-size", "2", "--base", str(tiny_models.policy), "--query-generation-examples", "0"]  # fmt: skip
