@@ -10,6 +10,7 @@ with the service's prefix (``GRACE_REWARD_``, ``GRACE_ROLLOUT_``, ...), plain
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,6 +18,10 @@ import yaml
 from pydantic import Field, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+# ``load_settings(cls, file)``: the YAML file for settings built in this context instead of $GRACE_CONFIG
+_CONFIG_FILE: ContextVar[str | None] = ContextVar("grace_config_file", default=None)
 
 
 def grace_home() -> Path:
@@ -35,7 +40,7 @@ class YamlSectionSource(PydanticBaseSettingsSource):
         super().__init__(settings_cls)
         self.values: dict[str, Any] = {}
         self.common: dict[str, Any] = {}
-        path = os.environ.get("GRACE_CONFIG")
+        path = _CONFIG_FILE.get() or os.environ.get("GRACE_CONFIG")
         if not path:
             return
         data = yaml.safe_load(Path(path).read_text()) or {}
@@ -102,17 +107,12 @@ class ServiceSettings(BaseSettings):
         return self.api_key.get_secret_value() if self.api_key else None
 
 
-
 def load_settings(cls: type[ServiceSettings], config_file: str | Path | None = None, **overrides: Any):
-    """``cls(**overrides)`` reading ``config_file`` instead of ``$GRACE_CONFIG``, without changing the environment."""
+    """``cls(**overrides)`` reading ``config_file`` instead of ``$GRACE_CONFIG``, without touching the environment."""
     if config_file is None:
         return cls(**overrides)
-    previous = os.environ.get("GRACE_CONFIG")
-    os.environ["GRACE_CONFIG"] = str(config_file)
+    token = _CONFIG_FILE.set(str(config_file))
     try:
         return cls(**overrides)
     finally:
-        if previous is None:
-            os.environ.pop("GRACE_CONFIG", None)
-        else:
-            os.environ["GRACE_CONFIG"] = previous
+        _CONFIG_FILE.reset(token)

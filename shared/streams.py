@@ -21,8 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def publish(client: redis.Redis, stream: str, payload: StreamPayload) -> str:
-    entry_id = client.xadd(stream, encode_message(payload))
-    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return as_text(client.xadd(stream, encode_message(payload)))
 
 
 @dataclass
@@ -34,7 +33,8 @@ class StreamEntry:
     error: str | None = None  # why ``payload`` could not be decoded
 
 
-def _text(value) -> str:
+def as_text(value) -> str:
+    """A Redis reply value (bytes unless the client decodes) as str."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -103,11 +103,11 @@ class StreamConsumer:
     def _entries(self, raw: list) -> list[StreamEntry]:
         if not raw:
             return []
-        ids = [_text(i) for i, _ in raw]
+        ids = [as_text(i) for i, _ in raw]
         deliveries = self._delivery_counts(ids)
         out = []
         for (entry_id, fields), id_text in zip(raw, ids):
-            entry = StreamEntry(id=id_text, fields={_text(k): _text(v) for k, v in fields.items()})
+            entry = StreamEntry(id=id_text, fields={as_text(k): as_text(v) for k, v in fields.items()})
             entry.deliveries = deliveries.get(id_text, 1)
             if entry.deliveries > self.max_deliveries:
                 self.dead_letter(entry, f"delivered {entry.deliveries} times (max {self.max_deliveries})")
@@ -122,7 +122,7 @@ class StreamConsumer:
     def _delivery_counts(self, ids: list[str]) -> dict[str, int]:
         lo, hi = min(ids, key=_id_key), max(ids, key=_id_key)
         rows = self.client.xpending_range(self.stream, self.group, min=lo, max=hi, count=len(ids) + 1000)
-        return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        return {as_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
 
     def ack(self, *ids: str) -> int:
         return self.client.xack(self.stream, self.group, *ids) if ids else 0
@@ -157,7 +157,7 @@ def prune_idle_groups(client: redis.Redis, stream: str, prefix: str, *, keep: st
     a new name). Groups without consumers are left alone (a replica that has not read yet)."""
     removed = []
     for info in client.xinfo_groups(stream):
-        name = _text(info["name"])
+        name = as_text(info["name"])
         if not name.startswith(prefix) or name == keep:
             continue
         consumers = client.xinfo_consumers(stream, name)

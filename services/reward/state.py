@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import redis
 
 from shared.schemas import Metrics, RolloutGroup, StreamPayload, encode_message
+from shared.streams import as_text
 
 MARKER_ID = "iteration_complete"
 
@@ -93,11 +94,11 @@ class IterationState:
         self.client.hset(self.dropped_key, group_id, reason)
 
     def dropped(self) -> dict[str, str]:
-        return {_text(k): _text(v) for k, v in self.client.hgetall(self.dropped_key).items()}
+        return {as_text(k): as_text(v) for k, v in self.client.hgetall(self.dropped_key).items()}
 
     def done_count(self) -> int:
         """Groups scored or dropped."""
-        return len({_text(k) for k in self.client.hkeys(self.groups_key)} | set(self.dropped()))
+        return len({as_text(k) for k in self.client.hkeys(self.groups_key)} | set(self.dropped()))
 
     def load_all(self) -> list[ScoredGroup]:
         groups = [ScoredGroup.from_json(v) for v in self.client.hvals(self.groups_key)]
@@ -144,7 +145,3 @@ class IterationState:
 
     def release(self, token: str) -> None:
         self._release(keys=[self.lock_key], args=[token])
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

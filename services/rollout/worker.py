@@ -35,7 +35,7 @@ from shared.parsing import extract_structured, normalize_query, parse_query_list
 from shared.prompts import chat_messages, query_generation_prompt
 from shared.runs import load_run_config
 from shared.schemas import STREAM_ROLLOUTS, IterationComplete, RolloutGroup, encode_message
-from shared.streams import IterationManifest
+from shared.streams import IterationManifest, as_text
 
 from services.rollout.config import RolloutSettings
 from services.rollout.queries import (
@@ -138,7 +138,7 @@ class RolloutWorker:
         settings = self.settings
         seeds = load_queries(settings.seed_queries)
         rng = random.Random(f"{self.run_id}:{iteration}:{settings.seed}")
-        seen = {m.decode() if isinstance(m, bytes) else m for m in self.redis.smembers(self._key("seen"))}
+        seen = {as_text(m) for m in self.redis.smembers(self._key("seen"))}
         blocked = seen | {normalize_query(s.query) for s in seeds}  # generated queries must be new, not seeds
         generated: list[str] = []
         attempts_left = settings.generation_attempts or 3 * k
@@ -240,7 +240,7 @@ class RolloutWorker:
         planned = await self.plan(iteration, k, offline)
         IterationManifest(self.redis, self.run_id).set_expected("rollout", iteration, len(planned))
         published_key = self._key("published", iteration)
-        done = {g.decode() if isinstance(g, bytes) else g for g in self.redis.smembers(published_key)}
+        done = {as_text(g) for g in self.redis.smembers(published_key)}
         todo = [(i, p) for i, p in enumerate(planned) if group_id(self.run_id, iteration, i) not in done]
         result = IterationResult(
             run_id=self.run_id, iteration=iteration, planned=len(planned), published=0, skipped=len(planned) - len(todo),

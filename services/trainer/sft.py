@@ -270,9 +270,11 @@ class QueryGenerationExamples:
 
 
 def load_queries(path: Path, limit: int) -> list[str]:
-    """``limit`` queries spread evenly over a jsonl file with a 'query' field (the SFT probe set)."""
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    queries = [row["query"] for row in rows][:: max(1, len(rows) // max(limit, 1))][:limit]
+    """``limit`` queries spread evenly over a query file (the rollout's format; the SFT probe set)."""
+    from services.rollout.worker import load_queries as load_seed_queries
+
+    rows = load_seed_queries(path)
+    queries = [row.query for row in rows][:: max(1, len(rows) // max(limit, 1))][:limit]
     if not queries:
         raise ValueError(f"{path}: no queries to probe the tag rate with")
     return queries

@@ -23,6 +23,7 @@ from typing import Any
 import redis
 
 from shared.schemas import IterationComplete, WeightedSample
+from shared.streams import as_text
 
 RUNS_KEY = "grace:trainer:runs"
 
@@ -57,7 +58,7 @@ class TrainerState:
     # ---- reads
 
     def runs(self) -> list[str]:
-        return sorted(_text(r) for r in self.client.smembers(RUNS_KEY))
+        return sorted(as_text(r) for r in self.client.smembers(RUNS_KEY))
 
     def expected(self, run_id: str) -> dict[int, int]:
         return {int(k): int(v) for k, v in self.client.hgetall(self._key(run_id, "expected")).items()}
@@ -89,14 +90,14 @@ class TrainerState:
         key = self._key(run_id, f"lock:{iteration}")
         if self.client.set(key, owner, nx=True, ex=ttl_s):
             return True
-        if _text(self.client.get(key) or b"") == owner:
+        if as_text(self.client.get(key) or b"") == owner:
             self.client.expire(key, ttl_s)
             return True
         return False
 
     def release(self, run_id: str, iteration: int, owner: str) -> None:
         key = self._key(run_id, f"lock:{iteration}")
-        if _text(self.client.get(key) or b"") == owner:
+        if as_text(self.client.get(key) or b"") == owner:
             self.client.delete(key)
 
     # ---- completion
@@ -109,7 +110,3 @@ class TrainerState:
 
     def mark_done(self, run_id: str, iteration: int, record: dict[str, Any]) -> None:
         self.client.hset(self._key(run_id, "done"), str(iteration), json.dumps(record))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
