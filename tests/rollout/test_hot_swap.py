@@ -60,8 +60,8 @@ def test_swap_under_load_fails_no_request_and_retires_the_old_version(rollout_se
     old_model = rollout_service.admin()["current"]["model"]
     new = _unique("load-new")
     new_path, new_checksum, rank = lora_factory.make(new, rank=8, seed=22)
-    # long enough that the requests are still generating when the swap lands: seconds on the tiny model
-    tokens, n_in_flight = 1000, 16
+    # long enough that all are still generating when the swap lands, on an idle machine too (1000 was not)
+    tokens, n_in_flight = 3000, 16
 
     async def scenario():
         client = openai.AsyncOpenAI(base_url=rollout_service.openai_base_url, api_key=rollout_service.api_key,

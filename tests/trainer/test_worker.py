@@ -45,7 +45,7 @@ def _adapter_events(client: redis.Redis, run_id: str) -> list[AdapterEvent]:
     return [e for e in events if isinstance(e, AdapterEvent) and e.run_id == run_id]
 
 
-def _wait(predicate, timeout: float, what: str, process: ServiceProcess | None = None) -> None:
+def _wait(predicate, timeout: float, what: str, process: ServiceProcess | None = None, interval: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if process is not None and not process.alive():
@@ -53,7 +53,7 @@ def _wait(predicate, timeout: float, what: str, process: ServiceProcess | None =
         if time.monotonic() > deadline:
             tail = process.log_tail() if process else ""
             raise AssertionError(f"timed out waiting for {what}\n{tail}")
-        time.sleep(0.2)
+        time.sleep(interval)
 
 
 def _run_until_done(worker: TrainerWorker, run_id: str, iteration: int, timeout: float = 600) -> None:
@@ -121,7 +121,7 @@ def test_kill_9_mid_iteration_then_restart_trains_exactly_the_published_samples(
     env = trainer_env(redis_url, tiny_models.policy, adapters, runs, GRACE_TRAINER_BATCH_SIZE="2")
     command = [sys.executable, "-m", "shared.cli", "serve", "trainer"]
     state = TrainerState(client)
-    samples = _samples(run_id, 0, groups=3)
+    samples = _samples(run_id, 0, groups=8)  # 16 steps of 2: an idle machine must not finish the epoch before the kill
     half = len(samples) // 2
 
     def start(name: str) -> ServiceProcess:
@@ -140,7 +140,8 @@ def test_kill_9_mid_iteration_then_restart_trains_exactly_the_published_samples(
     publish(client, STREAM_SAMPLES, IterationComplete(run_id=run_id, iteration=0, stage="reward", count=len(samples)))
     metrics = runs / run_id / "train_metrics.jsonl"
     trainer = start("trainer-2")
-    _wait(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 300, "the first training step", trainer)
+    _wait(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 300, "the first training step", trainer,
+          interval=0.02)  # fmt: skip
     trainer.kill()
     store = AdapterStore(adapters)
     assert not store.exists(run_id, adapter_version(0)), "killed mid-iteration: no adapter yet"
