@@ -6,6 +6,7 @@ Stream messages travel as two fields, ``type`` (the model's ``kind``) and
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, ClassVar, Literal
 
@@ -102,6 +103,28 @@ def decode_message(fields: dict) -> StreamPayload:
     if kind not in PAYLOAD_TYPES:
         raise ValueError(f"unknown message type {kind!r}")
     return PAYLOAD_TYPES[kind].model_validate_json(fields.get("data", ""))
+
+
+def entry_identity(fields: dict[str, str], kind: str, id_field: str) -> tuple[str, int, str] | None:
+    """(run_id, iteration, data[id_field]) of a ``kind`` stream entry, read from its raw JSON.
+
+    For entries being dead-lettered: one that fails validation can still say
+    which iteration it belonged to, so that iteration can complete without it.
+    None if the entry is of another type or does not name all three.
+    """
+    if fields.get("type") != kind:
+        return None
+    try:
+        data = json.loads(fields.get("data", ""))
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    run_id, iteration, item_id = data.get("run_id"), data.get("iteration"), data.get(id_field)
+    if isinstance(run_id, str) and run_id and isinstance(item_id, str) and item_id:
+        if isinstance(iteration, int) and not isinstance(iteration, bool) and iteration >= 0:
+            return run_id, iteration, item_id
+    return None
 
 
 # --------------------------------------------------------------------------- reward API

@@ -23,7 +23,7 @@ from services.reward.calibration import calibrate
 from services.reward.config import RewardSettings
 from services.reward.state import MARKER_ID, IterationState, ScoredGroup
 from services.reward.telemetry import Telemetry
-from shared.schemas import STREAM_ROLLOUTS, STREAM_SAMPLES, IterationComplete, RolloutGroup, WeightedSample, decode_message
+from shared.schemas import STREAM_ROLLOUTS, STREAM_SAMPLES, IterationComplete, RolloutGroup, WeightedSample, entry_identity
 from shared.streams import StreamConsumer, StreamEntry
 
 log = logging.getLogger(__name__)
@@ -96,17 +96,16 @@ class RewardWorker:
 
     def _dropped(self, entry: StreamEntry, reason: str) -> None:
         """A rollout group is being dead-lettered: its iteration finalizes without it. Runs before the
-        entry is acked, so a crash here leaves the entry pending and its next delivery does this again."""
-        try:
-            payload = decode_message(entry.fields)
-        except ValueError:
+        entry is acked, so a crash here leaves the entry pending and its next delivery does this again.
+        A group that fails validation is still dropped from its iteration if its JSON names it."""
+        identity = entry_identity(entry.fields, RolloutGroup.kind, "group_id")
+        if identity is None:
             return
-        if isinstance(payload, RolloutGroup):
-            state = self._state(payload.run_id, payload.iteration)
-            state.drop(payload.group_id, reason)
-            log.warning("event=group_dropped run=%s iteration=%d group=%s reason=%s", payload.run_id,
-                        payload.iteration, payload.group_id, reason)  # fmt: skip
-            self.finalize(state)
+        run_id, iteration, group_id = identity
+        state = self._state(run_id, iteration)
+        state.drop(group_id, reason)
+        log.warning("event=group_dropped run=%s iteration=%d group=%s reason=%s", run_id, iteration, group_id, reason)
+        self.finalize(state)
 
     def process(self, entries: list[StreamEntry]) -> None:
         touched: dict[tuple[str, int], IterationState] = {}

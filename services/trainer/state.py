@@ -5,6 +5,8 @@ Keys (``<run>`` = the samples' run id):
 - ``grace:trainer:runs``: set of run ids seen;
 - ``grace:trainer:<run>:samples:<iteration>``: hash sample_id -> WeightedSample JSON
   (a redelivered sample overwrites itself: duplicates collapse by id);
+- ``grace:trainer:<run>:dropped:<iteration>``: hash sample_id -> why its entry was dead-lettered
+  (it counts toward the iteration's total, with nothing to train);
 - ``grace:trainer:<run>:expected``: hash iteration -> count from IterationComplete(stage="reward");
 - ``grace:trainer:<run>:done``: hash iteration -> JSON record of the trained adapter;
 - ``grace:trainer:<run>:published``: set of adapter versions whose event was published;
@@ -55,6 +57,13 @@ class TrainerState:
             pipe.xack(*ack)
         pipe.execute()
 
+    def drop_sample(self, run_id: str, iteration: int, sample_id: str, reason: str) -> None:
+        """Records a sample whose stream entry is being dead-lettered, so its iteration does not wait for it."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.sadd(RUNS_KEY, run_id)
+        pipe.hset(self._key(run_id, f"dropped:{iteration}"), sample_id, reason)
+        pipe.execute()
+
     # ---- reads
 
     def runs(self) -> list[str]:
@@ -66,6 +75,15 @@ class TrainerState:
     def sample_count(self, run_id: str, iteration: int) -> int:
         return int(self.client.hlen(self._key(run_id, f"samples:{iteration}")))
 
+    def dropped(self, run_id: str, iteration: int) -> dict[str, str]:
+        raw = self.client.hgetall(self._key(run_id, f"dropped:{iteration}"))
+        return {as_text(k): as_text(v) for k, v in raw.items()}
+
+    def accounted(self, run_id: str, iteration: int) -> int:
+        """Distinct sample ids of the iteration that arrived: stored or dropped."""
+        stored = {as_text(k) for k in self.client.hkeys(self._key(run_id, f"samples:{iteration}"))}
+        return len(stored | set(self.dropped(run_id, iteration)))
+
     def samples(self, run_id: str, iteration: int) -> list[WeightedSample]:
         """The iteration's samples, sorted by sample id (a fixed order for a seeded epoch)."""
         raw = self.client.hgetall(self._key(run_id, f"samples:{iteration}"))
@@ -76,13 +94,14 @@ class TrainerState:
         return {int(k): json.loads(v) for k, v in self.client.hgetall(self._key(run_id, "done")).items()}
 
     def next_iteration(self, run_id: str) -> tuple[int, int, int] | None:
-        """(iteration, expected, held) of the run's first untrained iteration with a known count, or None."""
+        """(iteration, expected, arrived) of the run's first untrained iteration with a known count, or None;
+        ``arrived`` counts dropped samples too."""
         done = self.done(run_id)
         pending = sorted(i for i in self.expected(run_id) if i not in done)
         if not pending:
             return None
         iteration = pending[0]
-        return iteration, self.expected(run_id)[iteration], self.sample_count(run_id, iteration)
+        return iteration, self.expected(run_id)[iteration], self.accounted(run_id, iteration)
 
     # ---- one trainer per iteration
 

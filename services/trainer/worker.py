@@ -31,8 +31,10 @@ from services.trainer.state import TrainerState
 from services.trainer.train import rank_world
 from shared.adapters import AdapterStore, adapter_checksum, adapter_rank
 from shared.runs import load_run_config
-from shared.schemas import STREAM_ADAPTERS, STREAM_SAMPLES, AdapterEvent, IterationComplete, WeightedSample
-from shared.streams import IterationManifest, StreamConsumer, publish
+from shared.schemas import (
+    STREAM_ADAPTERS, STREAM_SAMPLES, AdapterEvent, IterationComplete, WeightedSample, decode_message, entry_identity,
+)  # fmt: skip
+from shared.streams import IterationManifest, StreamConsumer, StreamEntry, publish
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +64,9 @@ class TrainerWorker:
         self.state = TrainerState(client)
         self.store = AdapterStore(settings.adapter_root)
         self.consumer = StreamConsumer(
-            client, STREAM_SAMPLES, settings.group, settings.consumer, min_idle_ms=settings.min_idle_ms
-        )
+            client, STREAM_SAMPLES, settings.group, settings.consumer, min_idle_ms=settings.min_idle_ms,
+            on_dead_letter=self._dead_lettered,
+        )  # fmt: skip
         self._policy: tuple[Any, Any, Any] | None = None  # (model, tokenizer, runtime), loaded at first use
         self.trained = 0
         self.rank, self.world = rank_world()
@@ -91,6 +94,29 @@ class TrainerWorker:
             log.info("event=samples_stored count=%d", stored)
         return len(entries)
 
+    def _dead_lettered(self, entry: StreamEntry, reason: str) -> None:
+        """Runs before a dead-lettered entry is acked (a crash here leaves it pending, so this is redone).
+
+        A sample that can be attributed is recorded as dropped: its iteration trains without it instead
+        of waiting forever. An iteration marker is still stored, so its count is not lost.
+        """
+        try:
+            payload = decode_message(entry.fields)
+        except ValueError:
+            payload = None
+        if isinstance(payload, IterationComplete) and payload.stage == "reward":
+            self.state.store_complete(payload)
+            return
+        identity = entry_identity(entry.fields, WeightedSample.kind, "sample_id")
+        if identity is None:
+            if entry.fields.get("type") == WeightedSample.kind:
+                log.error("event=sample_lost id=%s reason=%s detail=dead-lettered entry names no run, iteration and "
+                          "sample id; its iteration cannot complete", entry.id, reason)  # fmt: skip
+            return
+        run_id, iteration, sample_id = identity
+        self.state.drop_sample(run_id, iteration, sample_id, reason)
+        log.warning("event=sample_dropped run=%s iteration=%d sample=%s reason=%s", run_id, iteration, sample_id, reason)
+
     # ---- training
 
     def ready(self) -> list[tuple[str, int]]:
@@ -100,11 +126,11 @@ class TrainerWorker:
             nxt = self.state.next_iteration(run_id)
             if nxt is None:
                 continue
-            iteration, expected, held = nxt
-            if held >= expected:
+            iteration, expected, arrived = nxt
+            if arrived >= expected:
                 out.append((run_id, iteration))
             else:
-                log.debug("event=iteration_waiting run=%s iteration=%d held=%d expected=%d", run_id, iteration, held, expected)
+                log.debug("event=iteration_waiting run=%s iteration=%d arrived=%d expected=%d", run_id, iteration, arrived, expected)
         return out
 
     def policy(self) -> tuple[Any, Any, Any]:
@@ -118,9 +144,10 @@ class TrainerWorker:
         version = adapter_version(iteration)
         samples = self.state.samples(run_id, iteration)
         expected = self.state.expected(run_id).get(iteration)
-        if expected is not None and len(samples) != expected:
-            log.warning("event=sample_count_mismatch run=%s iteration=%d held=%d expected=%d",
-                        run_id, iteration, len(samples), expected)  # fmt: skip
+        dropped = self.state.dropped(run_id, iteration)
+        if expected is not None and len(samples) + len(dropped) != expected:
+            log.warning("event=sample_count_mismatch run=%s iteration=%d held=%d dropped=%d expected=%d",
+                        run_id, iteration, len(samples), len(dropped), expected)  # fmt: skip
         run_config = load_run_config(self.client, run_id)
         loss = run_config.loss if run_config else self.settings.loss
         summary: dict[str, Any] = {}
@@ -140,7 +167,8 @@ class TrainerWorker:
             publish(self.client, STREAM_ADAPTERS, event)
             self.state.mark_published(run_id, version)
             log.info("event=adapter_published run=%s version=%s checksum=%s", run_id, version, checksum[:12])
-        record = {"version": version, "path": str(path), "checksum": checksum, "samples": len(samples), "loss": loss, **summary}
+        record = {"version": version, "path": str(path), "checksum": checksum, "samples": len(samples),
+                  "dropped": len(dropped), "loss": loss, **summary}  # fmt: skip
         manifest = IterationManifest(self.client, run_id)
         manifest.set_expected("train", iteration, len(samples))
         for sample in samples:

@@ -1,5 +1,6 @@
 """The reward worker on a real Redis: groups in, weighted samples and the marker out, exactly once."""
 
+import json
 import sys
 import threading
 import time
@@ -139,6 +140,20 @@ def test_a_poison_group_is_dead_lettered_and_the_iteration_finalizes_without_it(
     dead = [decode_message(f) for _, f in redis_client.xrange(STREAM_ROLLOUTS + ":dead")]
     assert [d.group_id for d in dead] == [poison.group_id]
     assert list(IterationState(redis_client, "r5", 0).dropped()) == [poison.group_id]
+    assert redis_client.xpending(STREAM_ROLLOUTS, "reward")["pending"] == 0
+
+
+def test_a_group_failing_validation_is_dropped_from_the_iteration_it_names(redis_client, reward_scorer, tiny_models):
+    groups = make_groups("r6", 0, 2)
+    publish(redis_client, STREAM_ROLLOUTS, groups[0])
+    invalid = json.loads(groups[1].model_dump_json()) | {"responses": "one string, not a list"}
+    redis_client.xadd(STREAM_ROLLOUTS, {"type": RolloutGroup.kind, "data": json.dumps(invalid)})
+    publish(redis_client, STREAM_ROLLOUTS, IterationComplete(run_id="r6", iteration=0, stage="rollout", count=2))
+    worker = RewardWorker(redis_client, reward_scorer.score, model_settings(tiny_models, consumer_name="w6", block_ms=50))
+    run_workers([worker], lambda: published(redis_client)[1])
+    check_iteration(redis_client, groups[:1], "r6", 0)
+    dropped = IterationState(redis_client, "r6", 0).dropped()
+    assert list(dropped) == [groups[1].group_id] and "responses" in dropped[groups[1].group_id]
     assert redis_client.xpending(STREAM_ROLLOUTS, "reward")["pending"] == 0
 
 

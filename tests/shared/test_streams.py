@@ -7,7 +7,11 @@ import time
 
 import redis
 
-from shared.schemas import STREAM_ROLLOUTS, IterationComplete, RolloutGroup
+import json
+
+import pytest
+
+from shared.schemas import STREAM_ROLLOUTS, IterationComplete, RolloutGroup, WeightedSample, entry_identity
 from shared.streams import IterationManifest, StreamConsumer, prune_idle_groups, publish
 
 
@@ -147,3 +151,22 @@ def test_iteration_manifest(redis_client):
     manifest.mark_done("rollout", 0, "g1")
     assert manifest.is_complete("rollout", 0) and manifest.done_count("rollout", 0) == 2
     publish(redis_client, STREAM_ROLLOUTS, IterationComplete(run_id="run-a", iteration=0, stage="rollout", count=2))
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"run_id": "r", "iteration": 3, "sample_id": "r:3:0:1", "weight": "heavy"}, ("r", 3, "r:3:0:1")),
+        ({"run_id": "r", "iteration": -1, "sample_id": "s"}, None),
+        ({"run_id": "r", "iteration": True, "sample_id": "s"}, None),
+        ({"run_id": "", "iteration": 0, "sample_id": "s"}, None),
+        ({"run_id": "r", "iteration": 0}, None),
+        (["r", 0, "s"], None),
+        ("{not json", None),
+    ],
+)
+def test_entry_identity_reads_ids_from_entries_that_fail_validation(data, expected):
+    raw = data if isinstance(data, str) else json.dumps(data)
+    assert entry_identity({"type": WeightedSample.kind, "data": raw}, WeightedSample.kind, "sample_id") == expected
+    # an entry of another type is never attributed
+    assert entry_identity({"type": RolloutGroup.kind, "data": raw}, WeightedSample.kind, "sample_id") is None

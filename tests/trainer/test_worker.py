@@ -114,6 +114,33 @@ def test_worker_trains_publishes_once_chains_and_never_retrains(redis_url, train
     client.close()
 
 
+def test_dead_lettered_samples_are_dropped_and_the_iteration_trains_without_them(redis_client, trainer_settings):
+    client = redis_client
+    run_id = f"d-{uuid.uuid4().hex[:8]}"
+    settings = trainer_settings.model_copy(update={"batch_size": 4, "block_ms": 100, "consumer": f"c-{run_id}"})
+    samples = _samples(run_id, 0, groups=1)
+    good, broken = samples[:3], samples[3]
+    for sample in good:
+        publish(client, STREAM_SAMPLES, sample)
+    bad_json = json.loads(broken.model_dump_json()) | {"weight": "heavy"}  # fails validation, still names itself
+    bad_id = client.xadd(STREAM_SAMPLES, {"type": WeightedSample.kind, "data": json.dumps(bad_json)}).decode()
+    lost_id = client.xadd(STREAM_SAMPLES, {"type": WeightedSample.kind, "data": "{truncated"}).decode()  # names nothing
+    publish(client, STREAM_SAMPLES, IterationComplete(run_id=run_id, iteration=0, stage="reward", count=len(samples)))
+    worker = TrainerWorker(settings, client)
+    _run_until_done(worker, run_id, 0, timeout=300)
+
+    assert list(worker.state.dropped(run_id, 0)) == [broken.sample_id]
+    assert "heavy" in worker.state.dropped(run_id, 0)[broken.sample_id]  # the validation error is the reason
+    record = worker.state.done(run_id)[0]
+    assert record["samples"] == 3 and record["dropped"] == 1
+    path = AdapterStore(settings.adapter_root).path(run_id, "iter-0000")
+    assert json.loads((path / "trainer_state.json").read_text())["sample_ids"] == sorted(s.sample_id for s in good)
+    dead = {fields[b"dead.id"].decode() for _, fields in client.xrange(f"{STREAM_SAMPLES}:dead")}
+    assert {bad_id, lost_id} <= dead
+    assert not client.xpending_range(STREAM_SAMPLES, settings.group, min=bad_id, max=bad_id, count=1)
+    client.xdel(STREAM_SAMPLES, bad_id, lost_id)  # later suites on this Redis decode every entry
+
+
 def test_kill_9_mid_iteration_then_restart_trains_exactly_the_published_samples(redis_url, tiny_models, tmp_path):
     client = redis.Redis.from_url(redis_url)
     run_id = f"k-{uuid.uuid4().hex[:8]}"
