@@ -32,7 +32,7 @@ app.add_typer(models_app, name="models")
 @app.callback()
 def main(log_level: str = typer.Option("INFO", envvar="GRACE_LOG_LEVEL", help="logging level")) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    for noisy in ("httpx", "httpcore", "openai._base_client"):  # one line per request otherwise
+    for noisy in ("httpx", "httpx2", "httpcore", "openai._base_client"):  # one line per request otherwise
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 

@@ -127,7 +127,8 @@ class SemiOnlineRun:
             result = asyncio.run(run_iteration(settings, self.redis, iteration, offline=self.config.offline))
         self.console.print(
             f"iteration {iteration}: rollout published {result.published} groups "
-            f"(parsed {result.parsed_fraction:.0%}, {result.completion_tokens} tokens, {result.seconds:.1f}s)"
+            f"({_query_sources(result)}parsed {result.parsed_fraction:.0%}, "
+            f"{result.completion_tokens} tokens, {result.seconds:.1f}s)"
         )
         with self.console.status(f"iteration {iteration}: reward scoring and calibration"):
             marker = wait_for_samples(self.redis, self.config.run_id, iteration, timeout)
@@ -244,3 +245,10 @@ def plot_training_curves(metrics_path: Path, out: Path) -> Path | None:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _query_sources(result) -> str:
+    """Where the iteration's queries came from, for the progress line (nothing for a fixed offline set)."""
+    if result.generated == result.fallback == 0:
+        return ""
+    return f"queries: {result.generated} generated, {result.fallback} seed_fallback; "
