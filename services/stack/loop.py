@@ -20,6 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -29,6 +30,9 @@ from services.stack.stack import StackInfo
 from shared.local_redis import connect
 from shared.runs import RunConfig, load_run_config, save_run_config
 from shared.settings import load_settings
+
+if TYPE_CHECKING:
+    from services.rollout.worker import IterationResult
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +251,7 @@ def plot_training_curves(metrics_path: Path, out: Path) -> Path | None:
     return out
 
 
-def _query_sources(result) -> str:
+def _query_sources(result: IterationResult) -> str:
     """Where the iteration's queries came from, for the progress line (nothing for a fixed offline set)."""
     if result.generated == result.fallback == 0:
         return ""
