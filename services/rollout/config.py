@@ -28,6 +28,9 @@ class RolloutSettings(ServiceSettings):
     max_in_flight: int = Field(512, description="requests proxied at once; more get 429")
     max_n: int = Field(64, description="largest `n` (responses per request) accepted")
     upstream_timeout_s: float = Field(3600.0, description="read timeout towards vLLM (long documents take a while)")
+    upstream_connect_timeout_s: float = Field(
+        30.0, gt=0, description="connect, write and pool timeout towards vLLM (10 s gave 502s on a starved 2-core machine)"
+    )
 
     # ---------------------------------------------------------------- vLLM (a child process on a loopback port)
     vllm_host: str = Field("127.0.0.1", description="vLLM bind address (loopback: only the gateway talks to it)")

@@ -79,7 +79,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         limits = httpx.Limits(max_connections=settings.max_in_flight + 32, max_keepalive_connections=settings.max_in_flight)
-        timeout = httpx.Timeout(10.0, read=settings.upstream_timeout_s)
+        timeout = httpx.Timeout(settings.upstream_connect_timeout_s, read=settings.upstream_timeout_s)
         async with httpx.AsyncClient(base_url=vllm_url, limits=limits, timeout=timeout) as client:
             app.state.client = client
             yield
