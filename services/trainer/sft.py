@@ -142,7 +142,7 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
         for param in model.parameters():
             param.requires_grad_(True)
     examples = load_examples(opts.data)
-    probe = load_queries(opts.seed_queries, opts.probe_size) if chosen["target_tag_rate"] else []
+    probe = probe_queries(opts.seed_queries, opts.probe_size) if chosen["target_tag_rate"] else []
     generation = QueryGenerationExamples(opts.seed_queries, [q for q, _ in examples], chosen["query_generation_examples"])
     encode = Encoder(tokenizer, opts.max_length)
     rng = random.Random(opts.seed)
@@ -250,10 +250,10 @@ class QueryGenerationExamples:
     """
 
     def __init__(self, seed_queries: Path, targets: list[str], per_epoch: int):
-        from services.rollout.worker import load_queries as load_seed_queries
+        from services.rollout.worker import load_queries
 
         self.per_epoch = per_epoch
-        self.seeds = load_seed_queries(seed_queries) if per_epoch else []
+        self.seeds = load_queries(seed_queries) if per_epoch else []
         self.targets = targets
 
     def draw(self, rng: random.Random) -> list[tuple[list[dict[str, str]], str]]:
@@ -269,11 +269,11 @@ class QueryGenerationExamples:
         return turns
 
 
-def load_queries(path: Path, limit: int) -> list[str]:
+def probe_queries(path: Path, limit: int) -> list[str]:
     """``limit`` queries spread evenly over a query file (the rollout's format; the SFT probe set)."""
-    from services.rollout.worker import load_queries as load_seed_queries
+    from services.rollout.worker import load_queries
 
-    rows = load_seed_queries(path)
+    rows = load_queries(path)
     queries = [row.query for row in rows][:: max(1, len(rows) // max(limit, 1))][:limit]
     if not queries:
         raise ValueError(f"{path}: no queries to probe the tag rate with")

@@ -9,7 +9,7 @@ import sys
 import random
 import re
 
-from services.trainer.sft import QueryGenerationExamples, condense, load_queries
+from services.trainer.sft import QueryGenerationExamples, condense, probe_queries
 from shared.parsing import extract_structured, parse_query_list
 
 
@@ -56,8 +56,8 @@ def test_query_generation_turns_look_like_the_rollouts_generation_request(tmp_pa
 def test_probe_queries_are_spread_over_the_seed_file(tmp_path):
     path = tmp_path / "seeds.jsonl"
     path.write_text("\n".join(json.dumps({"query": f"q{i}"}) for i in range(10)))
-    assert load_queries(path, 5) == ["q0", "q2", "q4", "q6", "q8"]
-    assert load_queries(path, 20) == [f"q{i}" for i in range(10)]
+    assert probe_queries(path, 5) == ["q0", "q2", "q4", "q6", "q8"]
+    assert probe_queries(path, 20) == [f"q{i}" for i in range(10)]
 
 
 def test_sft_trains_in_rounds_until_the_sampled_tag_rate_or_max_rounds(tiny_models, tmp_path):
