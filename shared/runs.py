@@ -1,12 +1,23 @@
 """Run-wide configuration shared through Redis, so every service agrees on it.
 
-``grace run`` writes it once per run id; the trainer reads the loss from it,
-the rollout worker K and m. Stored as JSON at ``grace:run:<run_id>``.
+``grace run`` writes it once per run id; the trainer reads the loss and the
+epochs from it, the rollout worker K and m. Stored as JSON at
+``grace:run:<run_id>``.
+
+The two modes of the paper:
+
+* semi-online: ``iterations`` rounds of K generated queries, each sampled from
+  the adapter the previous round trained;
+* offline (``offline=True``): one round holding the whole query set, generated
+  once, sampled once from the starting policy, calibrated as one dataset and
+  trained ``epochs`` epochs.
 """
 
 from __future__ import annotations
 
 from typing import Literal
+
+import math
 
 import redis
 from pydantic import BaseModel, Field
@@ -20,7 +31,31 @@ class RunConfig(BaseModel):
     queries_per_iteration: int = Field(8, ge=1, description="K")
     responses_per_query: int = Field(8, ge=2, description="m")
     loss: Literal["grace_kto", "kto", "dpo", "orpo", "sft"] = "grace_kto"
-    offline: bool = False
+    offline: bool = Field(False, description="the paper's GRACE (offline): one round over the whole query set")
+    total_queries: int | None = Field(
+        None, ge=1, description="query budget N (paper: 1000); the last round holds the remainder"
+    )
+    epochs: int | None = Field(None, ge=1, description="epochs per round (unset = the trainer's setting; paper: 1)")
+
+    @classmethod
+    def from_budget(
+        cls, run_id: str, *, total_queries: int | None, k: int, iterations: int, offline: bool, **fields
+    ) -> "RunConfig":
+        """``--total-queries N -k K``: ceil(N/K) semi-online rounds, or one offline round of N queries."""
+        if offline:
+            k = total_queries or k * iterations
+            return cls(run_id=run_id, iterations=1, queries_per_iteration=k, offline=True,
+                       total_queries=k, **fields)  # fmt: skip
+        if total_queries is not None:
+            iterations = math.ceil(total_queries / k)
+        return cls(run_id=run_id, iterations=iterations, queries_per_iteration=k, total_queries=total_queries, **fields)
+
+    def queries_in(self, iteration: int) -> int:
+        """K of one round: K, except the last round of a budget, which holds what is left of N."""
+        if self.total_queries is None:
+            return self.queries_per_iteration
+        left = self.total_queries - iteration * self.queries_per_iteration
+        return max(0, min(self.queries_per_iteration, left))
 
 
 def _key(run_id: str) -> str:

@@ -81,6 +81,10 @@ class ServiceSettings(BaseSettings):
     general_model: str | None = Field(None, description="general model M_G for perplexity (default: policy_model)")
     domain_model: str | None = Field(None, description="domain-adapted model M_D for perplexity")
     embedding_model: str | None = Field(None, description="BGE-M3 folder for relevance")
+    heldout_queries: Path = Field(
+        Path("data/test_queries.jsonl"),
+        description="the held-out split: only evaluation draws queries from it; runs never train on its queries",
+    )
     adapter_root: Path = Field(default_factory=lambda: grace_home() / "adapters", description="adapter store root")
     run_root: Path = Field(default_factory=lambda: Path("runs"), description="run folders live here")
     api_key: SecretStr | None = Field(None, description="bearer API key required by the HTTP API (unset = open)")
