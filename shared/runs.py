@@ -17,10 +17,17 @@ from __future__ import annotations
 
 from typing import Literal
 
+import json
 import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
 
 import redis
 from pydantic import BaseModel, Field
+
+from shared.rope import RopeConfig
+from shared.schemas import WeightedSample
 
 LOSSES = ("grace_kto", "kto", "dpo", "orpo", "sft")
 
@@ -36,6 +43,10 @@ class RunConfig(BaseModel):
         None, ge=1, description="query budget N (paper: 1000); the last round holds the remainder"
     )
     epochs: int | None = Field(None, ge=1, description="epochs per round (unset = the trainer's setting; paper: 1)")
+    rope: RopeConfig | None = Field(
+        None, description="the run's one RoPE setting (paper 3.6); every service refuses a run that differs from its own "
+        "(None = recorded before runs carried it: not checked)",
+    )
 
     @classmethod
     def from_budget(
@@ -69,3 +80,44 @@ def save_run_config(client: redis.Redis, config: RunConfig) -> None:
 def load_run_config(client: redis.Redis, run_id: str) -> RunConfig | None:
     raw = client.get(_key(run_id))
     return None if raw is None else RunConfig.model_validate_json(raw)
+
+
+# --------------------------------------------------------------------------- runs/<id>/samples/iter-NNNN.jsonl
+
+
+def samples_file(run_root: str | Path, run_id: str, iteration: int) -> Path:
+    """What the trainer trained on in one iteration, one line per response."""
+    return Path(run_root) / run_id / "samples" / f"iter-{iteration:04d}.jsonl"
+
+
+def sample_row(sample: WeightedSample) -> dict:
+    """One line of the samples file: the query, where it came from, the response and its calibration."""
+    return {
+        "sample_id": sample.sample_id, "query_id": sample.group_id, "query": sample.query,
+        "source": sample.query_source, "response_index": sample.response_index, "response": sample.response,
+        "finish_reason": sample.finish_reason, "parsed": sample.parsed,
+        "metrics": sample.metrics.model_dump() if sample.metrics else None,
+        "rank_sum": sample.rank_sum, "z": sample.z, "weight": sample.weight, "label": sample.label,
+        "adapter_version": sample.adapter_version,
+    }  # fmt: skip
+
+
+def write_samples_file(path: Path, samples: Iterable[WeightedSample]) -> Path:
+    """Writes the file whole (temp name, then rename), ordered by query and response index."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = sorted((sample_row(s) for s in samples), key=lambda r: (_natural(r["query_id"]), r["response_index"]))
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _natural(text: str) -> tuple:
+    """'run:0:10' after 'run:0:2'."""
+    return tuple(int(part) if part.isdigit() else part for part in text.split(":"))
+
+
+def read_samples_file(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]

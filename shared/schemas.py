@@ -10,13 +10,29 @@ import json
 import time
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # --------------------------------------------------------------------------- streams
 
 STREAM_ROLLOUTS = "grace:rollouts"  # RolloutGroup ... IterationComplete(stage="rollout")
 STREAM_SAMPLES = "grace:samples"  # WeightedSample ... IterationComplete(stage="reward")
 STREAM_ADAPTERS = "grace:adapters"  # AdapterEvent (trainer) and AdapterStatus (rollout replicas)
+
+
+class Metrics(BaseModel):
+    """Per-response metrics of paper 3.3 (appendix A)."""
+
+    length: float = Field(description="L: tokens of the document")
+    diversity: float = Field(description="E: unique n-grams / n-grams x 100")
+    professionalism: float = Field(description="P = general_perplexity - domain_perplexity")
+    general_perplexity: float
+    domain_perplexity: float
+    relevance_summary: float = Field(description="Rs: BGE-M3 query vs summary")
+    relevance_document: float = Field(description="Rd: BGE-M3 query vs document")
+
+
+QuerySource = Literal["generated", "seed_fallback", "offline"]
+FINISH_TRUNCATED = "length"  # OpenAI finish_reason of a response cut by max_tokens or the window
 
 
 class StreamPayload(BaseModel):
@@ -35,8 +51,11 @@ class RolloutGroup(StreamPayload):
     query: str
     responses: list[str]
     adapter_version: str = Field("base", description="adapter the responses were sampled from")
-    query_source: Literal["generated", "seed_fallback", "fixed"] = Field(
-        "generated", description="generated (3.2), an unused seed query (fallback), or a fixed offline set"
+    query_source: QuerySource = Field(
+        "generated", description="generated (3.2), an unused seed query (seed_fallback), or the offline set (generated once)"
+    )
+    finish_reasons: list[str | None] = Field(
+        default_factory=list, description="OpenAI finish_reason per response ('length' = truncated); empty if unknown"
     )
     created_at: float = Field(default_factory=time.time)
 
@@ -55,6 +74,10 @@ class WeightedSample(StreamPayload):
     parsed: bool
     z: float | None = None
     rank_sum: float | None = None
+    metrics: Metrics | None = None
+    finish_reason: str | None = Field(None, description="'length' = cut by the token limit")
+    adapter_version: str | None = Field(None, description="adapter that sampled the response")
+    query_source: QuerySource | None = None
 
 
 class IterationComplete(StreamPayload):
@@ -132,22 +155,21 @@ def entry_identity(fields: dict[str, str], kind: str, id_field: str) -> tuple[st
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
-class Metrics(BaseModel):
-    """Per-response metrics of paper 3.3 (appendix A)."""
-
-    length: float = Field(description="L: tokens of the document")
-    diversity: float = Field(description="E: unique n-grams / n-grams x 100")
-    professionalism: float = Field(description="P = general_perplexity - domain_perplexity")
-    general_perplexity: float
-    domain_perplexity: float
-    relevance_summary: float = Field(description="Rs: BGE-M3 query vs summary")
-    relevance_document: float = Field(description="Rd: BGE-M3 query vs document")
-
-
 class ScoreGroup(BaseModel):
     model_config = ConfigDict(extra="forbid")
     query: NonEmptyStr
     responses: list[str] = Field(min_length=1)
+    finish_reasons: list[str | None] | None = Field(
+        None, description="optional OpenAI finish_reason per response, echoed in the results ('length' = truncated)"
+    )
+
+    @model_validator(mode="after")
+    def _one_finish_reason_per_response(self) -> "ScoreGroup":
+        if self.finish_reasons is not None and len(self.finish_reasons) != len(self.responses):
+            raise ValueError(
+                f"finish_reasons has {len(self.finish_reasons)} entries for {len(self.responses)} responses"
+            )
+        return self
 
 
 class ScoreRequest(BaseModel):
@@ -162,6 +184,7 @@ class ResponseResult(BaseModel):
     rank_sum: float | None = None
     z: float | None = None
     weight: float
+    finish_reason: str | None = None
 
 
 class GroupResult(BaseModel):

@@ -9,6 +9,8 @@ with the service's prefix (``GRACE_REWARD_``, ``GRACE_ROLLOUT_``, ...), plain
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from contextvars import ContextVar
 from pathlib import Path
@@ -18,6 +20,8 @@ import yaml
 from pydantic import Field, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from shared.rope import RopeConfig, RopeScope
 
 
 # ``load_settings(cls, file)``: the YAML file for settings built in this context instead of $GRACE_CONFIG
@@ -78,7 +82,15 @@ class ServiceSettings(BaseSettings):
         description="Redis URL; unset = start a private local redis-server",
     )
     policy_model: str | None = Field(None, description="policy / general model path (unset = tiny local set)")
-    general_model: str | None = Field(None, description="general model M_G for perplexity (default: policy_model)")
+    general_model: str | None = Field(
+        None,
+        description=(
+            "general *base* model M_G of P = PPL_G - PPL_D (paper: Qwen2.5-7B base, not an instruct model), same "
+            "tokenizer as the domain model: P must measure domain language against general language, not instruction "
+            "tuning. Unset: the local set's base model (the policy before SFT) when policy_model is unset too, else "
+            "policy_model itself, with a warning"
+        ),
+    )
     domain_model: str | None = Field(None, description="domain-adapted model M_D for perplexity")
     embedding_model: str | None = Field(None, description="BGE-M3 folder for relevance")
     heldout_queries: Path = Field(
@@ -88,6 +100,12 @@ class ServiceSettings(BaseSettings):
     adapter_root: Path = Field(default_factory=lambda: grace_home() / "adapters", description="adapter store root")
     run_root: Path = Field(default_factory=lambda: Path("runs"), description="run folders live here")
     api_key: SecretStr | None = Field(None, description="bearer API key required by the HTTP API (unset = open)")
+    # ---- one RoPE setting per run (paper 3.6): set these in ``common:`` so every service agrees
+    yarn_factor: float = Field(4.0, gt=0, description="YaRN rope scaling factor (1 = off): served window = factor x native")
+    native_window: int | None = Field(None, ge=1, description="the model's native context (unset = read from its config.json)")
+    rope_scope: RopeScope = Field(
+        "inference", description="inference: YaRN only in vLLM (paper 3.6); inference_and_training: the trainer and SFT too"
+    )
     run_id: str = Field("default", description="run id tagged on every stream message")
     log_level: str = "INFO"
 
@@ -109,6 +127,27 @@ class ServiceSettings(BaseSettings):
 
     def api_key_value(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key else None
+
+    def general_model_path(self) -> str | None:
+        """M_G as configured: ``general_model``; unset, ``policy_model`` (warned once); None = use the local set's base."""
+        if self.general_model or not self.policy_model:
+            return self.general_model
+        _warn_general_is_policy(self.policy_model, self.model_config.get("env_prefix") or "GRACE_")
+        return self.policy_model
+
+    def rope(self) -> RopeConfig:
+        """This service's RoPE setting, as a run records it (``RunConfig.rope``) and services compare it."""
+        return RopeConfig(yarn_factor=self.yarn_factor, native_window=self.native_window, scope=self.rope_scope)
+
+
+@functools.cache
+def _warn_general_is_policy(policy: str, env_prefix: str) -> None:
+    logging.getLogger(__name__).warning(
+        "event=general_model_is_policy policy_model=%s detail=general_model is unset, so M_G is the policy itself: "
+        "P = PPL_G - PPL_D then measures the domain model against this (instruction-tuned) policy, not against "
+        "general language; set general_model (%sGENERAL_MODEL) to a base model, e.g. Qwen/Qwen2.5-7B",
+        policy, env_prefix,
+    )  # fmt: skip
 
 
 def load_settings(cls: type[ServiceSettings], config_file: str | Path | None = None, **overrides: Any):

@@ -264,14 +264,15 @@ def ensure_model_set(preset: str = "tiny") -> ModelSet:
 def resolve_models(settings: ServiceSettings, preset: str = "tiny") -> ModelSet:
     """The configured model paths; unset ones fall back to the local ``preset`` set.
 
-    ``general_model`` defaults to ``policy_model``; the tokenizer is the
+    ``general_model`` (a base model) defaults to the local set's base model, or
+    to ``policy_model`` with a warning when that is set; the tokenizer is the
     policy's (model folders carry their tokenizer). ``root`` is the local set's
     root when anything fell back to it, else the policy path.
     """
     policy = settings.policy_model
     configured = {
         "policy": policy,
-        "general": settings.general_model or policy,
+        "general": settings.general_model_path(),
         "domain": settings.domain_model,
         "embedding": settings.embedding_model,
     }
@@ -314,17 +315,17 @@ def native_window(model_dir: str | Path) -> int:
     return int(config["max_position_embeddings"])
 
 
-def yarn_rope_parameters(model_dir: str | Path, factor: float = 4.0) -> dict[str, Any]:
-    """YaRN rope parameters for ``factor`` x the native window.
+def yarn_rope_parameters(model_dir: str | Path, factor: float = 4.0, native: int | None = None) -> dict[str, Any]:
+    """YaRN rope parameters for ``factor`` x the native window (``native``, else the model's config).
 
     rope_theta is repeated on purpose: vLLM falls back to 1e6 without it. Pair
-    it with ``max_position_embeddings = factor * native_window(model_dir)``.
+    it with ``max_position_embeddings = factor * native``.
     """
     config = _model_config(model_dir)
     return {
         "rope_type": "yarn",
         "factor": float(factor),
-        "original_max_position_embeddings": native_window(model_dir),
+        "original_max_position_embeddings": native or native_window(model_dir),
         "rope_theta": _rope_theta(config),
     }
 

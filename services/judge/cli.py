@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -51,7 +52,9 @@ def evaluate(
     n: int = typer.Option(1, help="responses per query and policy"),
     temperature: float = typer.Option(0.7),
     top_p: float = typer.Option(0.95),
-    max_tokens: int = typer.Option(2048, help="largest response, in tokens"),
+    max_tokens: Optional[int] = typer.Option(
+        None, help="largest response, in tokens (default: the served window minus the prompt, as in sampling)"
+    ),
     seed: int = typer.Option(0, help="sampling seed (query i uses seed + i)"),
     concurrency: int = typer.Option(8, help="generation requests at once"),
     judge_part: str = typer.Option("answer", help="answer: judge the <answer> document when parsed; full: the whole text"),

@@ -68,7 +68,7 @@ class EvalOptions:
     n: int = 1
     temperature: float = 0.7
     top_p: float = 0.95
-    max_tokens: int = 2048
+    max_tokens: int | None = None  # None = the served window minus the prompt (vLLM's default), as in sampling
     seed: int | None = 0
     concurrency: int = 8
     judge_part: str = "answer"  # "answer": the document when parsed, else the whole text; "full"

@@ -262,6 +262,7 @@ def summarize(records: Sequence[Mapping]) -> dict:
         "judge_errors": sum(1 for r in records if r.get("judge_error")),
         "metrics_errors": sum(1 for r in records if r.get("metrics_error")),
         "completion_tokens": _mean([r["completion_tokens"] for r in records if r.get("completion_tokens") is not None]),
+        "truncation_rate": sum(r.get("finish_reason") == "length" for r in records) / len(records) if records else None,
     }
     for c in AUTOMATIC_COLUMNS:
         out[c.key] = _mean([float(r["metrics"][c.key]) for r in parsed])

@@ -280,14 +280,20 @@ def create_app(settings: RewardSettings | None = None) -> FastAPI:
             "event=scored groups=%d responses=%d seconds=%.3f",
             len(groups), sum(len(m) for m in scored), seconds,
         )  # fmt: skip
-        return score_response([(g.query, m) for g, m in zip(body.groups, scored)])
+        response = score_response(
+            [(g.query, m) for g, m in zip(body.groups, scored)], degenerate_groups=settings.degenerate_groups
+        )
+        for group, result in zip(body.groups, response.groups):  # echoed: 'length' marks a truncated response
+            for item, finish in zip(result.results, group.finish_reasons or []):
+                item.finish_reason = finish
+        return response
 
     @app.post("/v1/calibrate", response_model=ScoreResponse, tags=["reward"], dependencies=[Depends(require_key)])
     def calibrate(body: CalibrateRequest) -> ScoreResponse:
         """Rank-sum, group Z and global weights (eq. 5-9) for metrics computed elsewhere; no model needed."""
         check_calibrate_body(body, settings)
         groups = [(None, [r.metrics if r.parsed else None for r in g.responses]) for g in body.groups]
-        return score_response(groups)
+        return score_response(groups, degenerate_groups=settings.degenerate_groups)
 
     return app
 

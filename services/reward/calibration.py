@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Protocol
+from typing import Literal, Protocol
 
 # eq. 5: (metric attribute, weight, higher_is_better); rank 1 = best.
 RANK_TERMS: tuple[tuple[str, str, bool], ...] = (
@@ -123,21 +123,50 @@ def global_normalize(zs: Sequence[float]) -> list[float]:
     return out
 
 
-def calibrate(groups: Sequence[Sequence[MetricValues | None]]) -> list[list[Calibrated]]:
-    """Rank-sum, group Z and global W for a dataset of groups; None = unparsed (W = -1)."""
-    per_group: list[tuple[list[int], list[Fraction], list[float]]] = []
+DegenerateGroups = Literal["omega_plus", "exclude"]
+
+
+def _is_degenerate(rank_sums: Sequence[Fraction]) -> bool:
+    """Fewer than 2 parsed responses, or every rank sum equal (std of -rho is 0)."""
+    return len(rank_sums) < 2 or all(r == rank_sums[0] for r in rank_sums)
+
+
+def degenerate_group_count(groups: Sequence[Sequence[MetricValues | None]]) -> int:
+    """Groups with fewer than 2 parsed responses or all rank sums tied (their members' Z is 0).
+
+    A group with no parsed response at all counts too: it carries no ranking signal.
+    """
+    return sum(_is_degenerate(_rank_sums_exact([m for m in g if m is not None])) for g in groups)
+
+
+def calibrate(
+    groups: Sequence[Sequence[MetricValues | None]], *, degenerate_groups: DegenerateGroups = "omega_plus"
+) -> list[list[Calibrated]]:
+    """Rank-sum, group Z and global W for a dataset of groups; None = unparsed (W = -1).
+
+    ``degenerate_groups``: a group with fewer than 2 parsed responses or all rank
+    sums tied gives its parsed members Z = 0. "omega_plus" (eq. 8 literally)
+    counts them in |Omega+|, which raises every other positive weight; "exclude"
+    gives them W = 0 and leaves them out of |Omega+| and the sums, so the other
+    weights equal those of the dataset without that group.
+    """
+    if degenerate_groups not in ("omega_plus", "exclude"):
+        raise ValueError(f"degenerate_groups must be 'omega_plus' or 'exclude', not {degenerate_groups!r}")
+    per_group: list[tuple[list[int], list[Fraction], list[float], bool]] = []
     all_z: list[float] = []
     for group in groups:
         idx = [i for i, m in enumerate(group) if m is not None]
         sums = _rank_sums_exact([group[i] for i in idx])
         zs = _group_z_exact(sums)
-        per_group.append((idx, sums, zs))
-        all_z.extend(zs)
+        skip = degenerate_groups == "exclude" and _is_degenerate(sums)
+        per_group.append((idx, sums, zs, skip))
+        if not skip:
+            all_z.extend(zs)
     weights = iter(global_normalize(all_z))
     out: list[list[Calibrated]] = []
-    for group, (idx, sums, zs) in zip(groups, per_group):
+    for group, (idx, sums, zs, skip) in zip(groups, per_group):
         results = [Calibrated(False, None, None, UNPARSED_WEIGHT) for _ in group]
         for i, s, z in zip(idx, sums, zs):
-            results[i] = Calibrated(True, float(s), z, next(weights))
+            results[i] = Calibrated(True, float(s), z, 0.0 if skip else next(weights))
         out.append(results)
     return out

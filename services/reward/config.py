@@ -33,6 +33,14 @@ class RewardSettings(ServiceSettings):
     encoder_max_length: int | None = Field(None, ge=8, description="BGE-M3 input limit (unset = encoder's window)")
     max_batch_tokens: int = Field(16384, ge=256, description="padded tokens per forward batch")
     logits_chunk: int = Field(2048, ge=64, description="target tokens per LM-head chunk (bounds logits memory)")
+    degenerate_groups: Literal["omega_plus", "exclude"] = Field(
+        "omega_plus",
+        description=(
+            "groups with fewer than 2 parsed responses or all rank sums tied give Z = 0 to their members: "
+            "'omega_plus' counts them in |Omega+| as eq. 8 does literally (which raises every other positive "
+            "weight); 'exclude' gives them W = 0 and leaves them out of |Omega+| and the eq. 8-9 sums"
+        ),
+    )
 
     # HTTP limits (413 for the body, 422 naming the field for the rest)
     max_groups: int = Field(64, ge=1, description="groups per request")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from services.reward import metrics as M
-from services.reward.calibration import calibrate
+from services.reward.calibration import DegenerateGroups, calibrate
 from services.reward.config import RewardSettings
 from shared.parsing import extract_structured
 from shared.schemas import GroupResult, Metrics, ResponseResult, ScoreResponse
@@ -371,9 +371,11 @@ class Scorer:
         return out
 
 
-def score_response(groups: Sequence[tuple[str | None, Sequence[Metrics | None]]]) -> ScoreResponse:
+def score_response(
+    groups: Sequence[tuple[str | None, Sequence[Metrics | None]]], *, degenerate_groups: DegenerateGroups = "omega_plus"
+) -> ScoreResponse:
     """Calibrates a dataset of scored groups (eq. 5-9) into the API's response shape."""
-    calibrated = calibrate([metrics for _, metrics in groups])
+    calibrated = calibrate([metrics for _, metrics in groups], degenerate_groups=degenerate_groups)
     return ScoreResponse(
         groups=[
             GroupResult(

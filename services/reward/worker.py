@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import redis
 
-from services.reward.calibration import calibrate
+from services.reward.calibration import DegenerateGroups, calibrate
 from services.reward.config import RewardSettings
 from services.reward.state import MARKER_ID, IterationState, ScoredGroup
 from services.reward.telemetry import Telemetry
@@ -31,18 +31,21 @@ log = logging.getLogger(__name__)
 ScoreFn = Callable[[list[tuple[str, list[str]]]], list[list]]
 
 
-def weighted_samples(scored: list[ScoredGroup]) -> list[WeightedSample]:
+def weighted_samples(scored: list[ScoredGroup], degenerate_groups: DegenerateGroups = "omega_plus") -> list[WeightedSample]:
     """eq. 5-9 over one iteration's groups -> one sample per response."""
-    calibrated = calibrate([s.metrics for s in scored])
+    calibrated = calibrate([s.metrics for s in scored], degenerate_groups=degenerate_groups)
     samples = []
     for s, results in zip(scored, calibrated):
         g = s.group
+        finish = g.finish_reasons if len(g.finish_reasons) == len(g.responses) else [None] * len(g.responses)
         for i, (text, c) in enumerate(zip(g.responses, results)):
             samples.append(
                 WeightedSample(
                     run_id=g.run_id, iteration=g.iteration, sample_id=f"{g.group_id}:{i}", group_id=g.group_id,
                     response_index=i, query=g.query, response=text, weight=c.weight,
                     label="desirable" if c.desirable else "undesirable", parsed=c.parsed, z=c.z, rank_sum=c.rank_sum,
+                    metrics=s.metrics[i], finish_reason=finish[i], adapter_version=g.adapter_version,
+                    query_source=g.query_source,
                 )  # fmt: skip
             )
     return samples
@@ -174,7 +177,7 @@ class RewardWorker:
 
     def _publish(self, state: IterationState) -> None:
         started = time.perf_counter()
-        samples = weighted_samples(state.load_all())
+        samples = weighted_samples(state.load_all(), self.settings.degenerate_groups)
         added = state.publish_once(STREAM_SAMPLES, [(s.sample_id, s) for s in samples])
         marker = IterationComplete(run_id=state.run_id, iteration=state.iteration, stage="reward", count=len(samples))
         state.publish_once(STREAM_SAMPLES, [(MARKER_ID, marker)])

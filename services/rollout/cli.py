@@ -47,7 +47,7 @@ def rollout_iteration(
     run_id: Optional[str] = typer.Option(None, help="run id (default: settings.run_id)"),
     k: Optional[int] = typer.Option(None, help="K queries (default: the run's config, else settings)"),
     m: Optional[int] = typer.Option(None, help="m responses per query (default: the run's config, else settings)"),
-    offline: Optional[bool] = typer.Option(None, "--offline/--online", help="fixed query set instead of generation"),
+    offline: Optional[bool] = typer.Option(None, "--offline/--online", help="the offline round: K queries generated once (source offline)"),
     gateway_url: Optional[str] = typer.Option(None, help="rollout gateway URL (default: settings.gateway_url)"),
 ) -> None:
     """Runs one rollout worker iteration: plan K queries, sample m responses each, publish the groups."""

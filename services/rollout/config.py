@@ -1,7 +1,8 @@
 """Settings of the rollout service: vLLM, the gateway, the adapter manager, the worker.
 
-Environment prefix ``GRACE_ROLLOUT_`` (e.g. ``GRACE_ROLLOUT_YARN_FACTOR=4``),
-YAML section ``rollout:``. The paper's sampling defaults (m = 8, top-p) are
+Environment prefix ``GRACE_ROLLOUT_`` (e.g. ``GRACE_ROLLOUT_MAX_N=16``),
+YAML section ``rollout:``. The RoPE setting (``yarn_factor``, ``native_window``,
+``rope_scope``) is common to every service: set it in ``common:``. The paper's sampling defaults (m = 8, top-p) are
 written once here.
 """
 
@@ -39,8 +40,7 @@ class RolloutSettings(ServiceSettings):
     served_model_name: str = Field("base", description="vLLM name of the base model (what `policy` means before any adapter)")
     tiny_preset: str = Field("tiny", description="local model set used when policy_model is unset: tiny | small")
     dtype: str = Field("auto", description="vLLM --dtype (auto = bfloat16 on GPU and CPU)")
-    yarn_factor: float = Field(4.0, description="YaRN rope scaling factor (1 = off): window = factor x native")
-    native_window: int | None = Field(None, description="the model's native context (unset = read from its config.json)")
+    # yarn_factor, native_window, rope_scope: the run's one RoPE setting, on ServiceSettings (``common:``)
     max_model_len: int | None = Field(None, description="unset = yarn_factor x native window (32k for an 8k model)")
     enable_lora: bool = True
     max_lora_rank: int = Field(64, description="largest adapter rank accepted (paper: 64)")
@@ -68,7 +68,6 @@ class RolloutSettings(ServiceSettings):
     generator_model: str | None = Field(None, description="query generator model (unset = the current policy)")
     generator_api_key: str | None = Field(None, description="key for the generator endpoint (unset = api_key)")
     seed_queries: Path = Field(Path("data/seed_queries.jsonl"), description="seed set for query generation (3.2)")
-    offline_queries: Path = Field(Path("data/test_queries.jsonl"), description="fixed query set of the offline mode")
     queries_per_iteration: int = Field(8, ge=1, description="K (paper: 250 or 500); a run's RunConfig overrides it")
     responses_per_query: int = Field(8, ge=1, description="m (paper: 8); a run's RunConfig overrides it")
     examples_per_prompt: int = Field(5, description="seed examples per generation prompt (paper: 5)")
@@ -81,10 +80,16 @@ class RolloutSettings(ServiceSettings):
     )
     min_query_chars: int = Field(8, description="shorter generated queries are dropped")
     max_query_chars: int = Field(4000, description="longer generated queries are dropped")
-    seed_fallback: bool = Field(True, description="fill a short iteration with unused seed queries (the offline variant)")
+    seed_fallback: bool = Field(
+        True, description="fill an iteration the generator left short with unused seed queries (flagged seed_fallback)"
+    )
     temperature: float = 1.0
     top_p: float = Field(0.95, description="top-p of the m responses (paper 3.3)")
-    max_tokens: int = Field(4096, description="largest response, in tokens")
+    max_tokens: int | None = Field(
+        None, ge=1,
+        description="fixed cap on a response, in tokens; unset = the served window minus the prompt, per request "
+        "(a cap under the documents' length would cut the long answers eq. 5 rewards and train them as negatives)",
+    )
     seed: int | None = Field(0, description="base sampling seed (unset = random); each group derives its own")
     concurrency: int = Field(32, description="queries sampled at once (each one request with n = m)")
     request_timeout_s: float = 3600.0

@@ -8,7 +8,7 @@ newest one at the moment a request arrives. Requests already running keep
 their version until they finish (refcounted in ``AdapterRegistry``), so a swap
 has no window where `policy` is missing or a request fails. It is also the
 one place for the bearer API key, request limits, ``/health`` on the port
-users call, and ``GET /admin/adapters``.
+users call, ``GET /admin/adapters`` and ``GET /admin/rope`` (the served RoPE setting).
 
 It stays thin: the request body is parsed only to rewrite ``model`` (and
 check ``n``); responses, streamed (SSE) or not, are passed through byte for
@@ -115,6 +115,11 @@ def create_app(
     @app.get("/admin/adapters", dependencies=authorized)
     async def admin_adapters() -> dict:
         return {"policy": settings.policy_name, "replica": settings.replica, **registry.snapshot()}
+
+    @app.get("/admin/rope", dependencies=authorized)
+    async def admin_rope() -> dict:
+        """The RoPE setting this replica serves (paper 3.6), for a run to check against (``rope_check``)."""
+        return {"replica": settings.replica, **settings.rope().model_dump()}
 
     @app.get("/v1/models", dependencies=authorized)
     async def models(request: Request) -> JSONResponse:

@@ -2,6 +2,7 @@
 
 Paper 3.2: five seed queries sampled uniformly per prompt; new queries are
 kept only if they were not seen before in the run (``normalize_query`` key).
+A query equal to a held-out one (same key) is never a training query.
 """
 
 from __future__ import annotations
@@ -9,11 +10,8 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Literal
-
 from shared.parsing import normalize_query
-
-QuerySource = Literal["generated", "seed_fallback", "fixed"]
+from shared.schemas import QuerySource
 
 
 @dataclass(frozen=True)
@@ -65,8 +63,16 @@ def accept_queries(
     return accepted
 
 
+def drop_heldout(candidates: list[str], heldout: set[str]) -> tuple[list[str], list[str]]:
+    """(kept, dropped): candidates whose normalized text is a held-out query are dropped."""
+    kept, dropped = [], []
+    for candidate in candidates:
+        (dropped if normalize_query(candidate) in heldout else kept).append(candidate)
+    return kept, dropped
+
+
 def fallback_queries(seeds: list[SeedQuery], seen: set[str], needed: int, rng: random.Random) -> list[str]:
-    """Up to ``needed`` seed queries not used before in the run (the paper's offline variant), in random order."""
+    """Up to ``needed`` seed queries not used before in the run (``seen`` holds the held-out keys too), in random order."""
     unused = [s.query for s in seeds if normalize_query(s.query) not in seen]
     rng.shuffle(unused)
     picked = unused[:needed]

@@ -25,14 +25,18 @@ CPU_MIN_BATCHED_TOKENS = 2048  # vLLM's CPU default budget per step
 
 
 def yarn_overrides(settings: RolloutSettings, model: str) -> tuple[dict | None, int]:
-    """(the --hf-overrides value that turns YaRN on, or None if off; the context window to serve)."""
-    native = settings.native_window or native_window(model)
-    window = settings.max_model_len or int(max(settings.yarn_factor, 1.0) * native)
-    if settings.yarn_factor <= 1.0:
+    """(the --hf-overrides value that turns YaRN on, or None if off; the context window to serve).
+
+    From the run's one RoPE setting (``settings.rope()``, common to every service): YaRN is always
+    applied at inference when the factor is above 1, whatever the scope (paper 3.6).
+    """
+    rope = settings.rope()
+    native = rope.native_window or native_window(model)
+    window = settings.max_model_len or rope.served_window(native)
+    if not rope.yarn:
         return None, window
-    rope = yarn_rope_parameters(model, settings.yarn_factor)
-    rope["original_max_position_embeddings"] = native
-    return {"rope_parameters": rope, "max_position_embeddings": int(settings.yarn_factor * native)}, window
+    params = yarn_rope_parameters(model, rope.yarn_factor, native)
+    return {"rope_parameters": params, "max_position_embeddings": int(rope.yarn_factor * native)}, window
 
 
 def vllm_command(

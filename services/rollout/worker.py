@@ -5,10 +5,16 @@
    prompt, deduplicated against every earlier query of the run; when the
    bounded number of generation prompts yields fewer than K (a small or random
    model produces junk), unused seed queries fill the rest, flagged
-   ``query_source="seed_fallback"`` (the paper's offline variant). The offline
-   mode plans a fixed query set instead.
+   ``query_source="seed_fallback"``. The offline mode is one round whose K is
+   the whole query set, generated the same way (``query_source="offline"``).
+   A planned query equal to a held-out query (``heldout_queries``, after
+   whitespace and case are normalised) is dropped and logged
+   (``event=heldout_query_dropped``): evaluation queries are never trained on.
 2. *Sample*: one chat request with ``n = m`` per query (vLLM batches the m
    samples and shares the prompt's KV cache), ``concurrency`` queries at once.
+   ``max_tokens`` is unset by default, so vLLM gives each request the served
+   window minus its prompt; each response's ``finish_reason`` travels with it
+   (``length`` = truncated).
 3. *Publish*: each ``RolloutGroup`` together with its "published" mark in one
    Redis transaction; groups already marked are skipped on a restart; then
    ``IterationComplete(stage="rollout")`` once.
@@ -34,14 +40,16 @@ import redis
 from shared.parsing import extract_structured, normalize_query, parse_query_list
 from shared.prompts import chat_messages, query_generation_prompt
 from shared.runs import load_run_config
-from shared.schemas import STREAM_ROLLOUTS, IterationComplete, RolloutGroup, encode_message
+from shared.schemas import FINISH_TRUNCATED, STREAM_ROLLOUTS, IterationComplete, QuerySource, RolloutGroup, encode_message
 from shared.streams import IterationManifest, as_text
 
 from services.rollout.config import RolloutSettings
+from services.rollout.rope_check import check_run_rope
 from services.rollout.queries import (
     PlannedQuery,
     SeedQuery,
     accept_queries,
+    drop_heldout,
     fallback_queries,
     group_id,
     group_seed,
@@ -61,10 +69,19 @@ class IterationResult:
     skipped: int
     generated: int
     fallback: int
+    offline: int = 0
+    heldout_dropped: int = 0
+    responses: int = 0
+    truncated: int = 0
     adapter_versions: list[str] = field(default_factory=list)
     completion_tokens: int = 0
     parsed_fraction: float = 0.0
     seconds: float = 0.0
+
+    @property
+    def truncation_rate(self) -> float:
+        """Share of this call's responses cut by the token limit (finish_reason ``length``)."""
+        return self.truncated / self.responses if self.responses else 0.0
 
 
 def query_list_regex(settings: RolloutSettings) -> str:
@@ -100,8 +117,14 @@ class RolloutWorker:
             timeout=timeout,
             max_retries=3,
         )
-        self.generator_model = settings.generator_model or settings.policy_name
+        self.generator_model = settings.generator_model  # None = the model being sampled
         self._api_key = key
+        self._heldout_dropped = 0  # generated queries dropped as held-out by the last plan made here
+
+    def policy_model(self, iteration: int) -> str:
+        """The model a run's iteration samples from: the base (starting policy) in iteration 0, whatever
+        adapter an earlier run on this stack left as ``policy``; then ``policy``, the run's newest adapter."""
+        return self.settings.served_model_name if iteration == 0 else self.settings.policy_name
 
     def _key(self, name: str, iteration: int | None = None) -> str:
         suffix = "" if iteration is None else f":{iteration}"
@@ -114,10 +137,7 @@ class RolloutWorker:
         stored = self.redis.get(self._key("plan", iteration))
         if stored is not None:
             return [PlannedQuery(**row) for row in json.loads(stored)]
-        if offline:
-            planned = [PlannedQuery(q.query, "fixed") for q in load_queries(self.settings.offline_queries)]
-        else:
-            planned = await self._generate_plan(iteration, k)
+        planned = await self._generate_plan(iteration, k, "offline" if offline else "generated")
         rows = json.dumps([{"query": p.query, "source": p.source} for p in planned], ensure_ascii=False)
         plan_key = self._key("plan", iteration)
         with self.redis.pipeline() as pipe:  # the plan and its "seen" marks together, or not at all
@@ -127,18 +147,24 @@ class RolloutWorker:
                     raise redis.WatchError
                 pipe.multi()
                 pipe.set(plan_key, rows)
-                if planned and not offline:
+                if planned:
                     pipe.sadd(self._key("seen"), *[normalize_query(p.query) for p in planned])
                 pipe.execute()
             except redis.WatchError:  # another worker fixed the plan first: use theirs
                 return await self.plan(iteration, k, offline)
         return planned
 
-    async def _generate_plan(self, iteration: int, k: int) -> list[PlannedQuery]:
+    def heldout_keys(self) -> set[str]:
+        """Normalized held-out queries: read only to keep them out of training (evaluation draws from the file)."""
+        path = Path(self.settings.heldout_queries)
+        return {normalize_query(q.query) for q in load_queries(path)} if path.exists() else set()
+
+    async def _generate_plan(self, iteration: int, k: int, source: QuerySource) -> list[PlannedQuery]:
         settings = self.settings
         seeds = load_queries(settings.seed_queries)
         rng = random.Random(f"{self.run_id}:{iteration}:{settings.seed}")
-        seen = {as_text(m) for m in self.redis.smembers(self._key("seen"))}
+        heldout = self.heldout_keys()
+        seen = {as_text(m) for m in self.redis.smembers(self._key("seen"))} | heldout
         blocked = seen | {normalize_query(s.query) for s in seeds}  # generated queries must be new, not seeds
         generated: list[str] = []
         attempts_left = settings.generation_attempts or 3 * k
@@ -148,14 +174,18 @@ class RolloutWorker:
             attempts_left -= wave
             attempts += wave
             prompts = [sample_examples(seeds, rng, settings.examples_per_prompt) for _ in range(wave)]
-            answers = await asyncio.gather(*(self._ask_generator(examples) for examples in prompts))
+            answers = await asyncio.gather(*(self._ask_generator(examples, iteration) for examples in prompts))
             for answer in answers:
+                candidates, dropped = drop_heldout(parse_query_list(answer), heldout)
+                for query in dropped:
+                    log.warning("event=heldout_query_dropped run=%s iteration=%d query=%r", self.run_id, iteration, query[:80])
+                self._heldout_dropped += len(dropped)
                 new = accept_queries(
-                    parse_query_list(answer), blocked, limit=k - len(generated),
+                    candidates, blocked, limit=k - len(generated),
                     min_chars=settings.min_query_chars, max_chars=settings.max_query_chars,
                 )  # fmt: skip
                 generated.extend(new)
-        planned = [PlannedQuery(q, "generated") for q in generated]
+        planned = [PlannedQuery(q, source) for q in generated]
         if len(planned) < k:
             log.warning(
                 "event=query_generation_short run=%s iteration=%d wanted=%d generated=%d attempts=%d fallback=%s",
@@ -171,7 +201,7 @@ class RolloutWorker:
         )  # fmt: skip
         return planned
 
-    async def _ask_generator(self, examples: list[SeedQuery]) -> str:
+    async def _ask_generator(self, examples: list[SeedQuery], iteration: int) -> str:
         settings = self.settings
         prompt = query_generation_prompt([e.query for e in examples], prompt_lang(examples, settings.query_lang))
         extra = {}
@@ -179,7 +209,7 @@ class RolloutWorker:
             extra["structured_outputs"] = {"regex": query_list_regex(settings)}
         try:
             reply = await self.generator.chat.completions.create(
-                model=self.generator_model,
+                model=self.generator_model or self.policy_model(iteration),
                 messages=[{"role": "user", "content": prompt}],
                 temperature=settings.generation_temperature,
                 top_p=settings.top_p,
@@ -193,11 +223,13 @@ class RolloutWorker:
 
     # ---------------------------------------------------------------- 2. sample
 
-    async def sample(self, query: str, m: int, seed: int | None) -> tuple[list[str], str | None, int]:
-        """m responses to one query in one request; (responses, adapter version, completion tokens)."""
+    async def sample(
+        self, query: str, m: int, seed: int | None, model: str | None = None
+    ) -> tuple[list[str], list[str | None], str | None, int]:
+        """m responses to one query in one request; (responses, finish reasons, adapter version, completion tokens)."""
         settings = self.settings
         raw = await self.sampler.chat.completions.with_raw_response.create(
-            model=settings.policy_name,
+            model=model or settings.policy_name,
             messages=chat_messages(query),
             n=m,
             temperature=settings.temperature,
@@ -208,7 +240,8 @@ class RolloutWorker:
         completion = raw.parse()
         choices = sorted(completion.choices, key=lambda c: c.index)
         tokens = completion.usage.completion_tokens if completion.usage else 0
-        return [c.message.content or "" for c in choices], raw.headers.get("x-grace-adapter-version"), tokens
+        texts = [c.message.content or "" for c in choices]
+        return texts, [c.finish_reason for c in choices], raw.headers.get("x-grace-adapter-version"), tokens
 
     async def current_version(self) -> str:
         """The gateway's current adapter version (``base`` before the first swap, or if not a gateway)."""
@@ -230,13 +263,16 @@ class RolloutWorker:
     ) -> IterationResult:
         started = time.perf_counter()
         run_config = load_run_config(self.redis, self.run_id)
-        k = k or (run_config.queries_per_iteration if run_config else self.settings.queries_per_iteration)
+        await check_run_rope(self.gateway_url, self._api_key, run_config, fallback=self.settings.rope())
+        k = k or (run_config.queries_in(iteration) if run_config else self.settings.queries_per_iteration)
         m = m or (run_config.responses_per_query if run_config else self.settings.responses_per_query)
         offline = offline if offline is not None else (run_config.offline if run_config else False)
-        version = await self.current_version()
+        model = self.policy_model(iteration)
+        version = await self.current_version() if model == self.settings.policy_name else "base"
         log.info("event=rollout_iteration_start run=%s iteration=%d k=%d m=%d offline=%s adapter=%s",
                  self.run_id, iteration, k, m, offline, version)  # fmt: skip
 
+        self._heldout_dropped = 0
         planned = await self.plan(iteration, k, offline)
         IterationManifest(self.redis, self.run_id).set_expected("rollout", iteration, len(planned))
         published_key = self._key("published", iteration)
@@ -245,6 +281,7 @@ class RolloutWorker:
         result = IterationResult(
             run_id=self.run_id, iteration=iteration, planned=len(planned), published=0, skipped=len(planned) - len(todo),
             generated=sum(p.source == "generated" for p in planned), fallback=sum(p.source == "seed_fallback" for p in planned),
+            offline=sum(p.source == "offline" for p in planned), heldout_dropped=self._heldout_dropped,
         )  # fmt: skip
         gate = asyncio.Semaphore(self.settings.concurrency)
         parsed = total = 0
@@ -252,11 +289,12 @@ class RolloutWorker:
         async def one(index: int, item: PlannedQuery) -> None:
             nonlocal parsed, total
             async with gate:
-                responses, served, tokens = await self.sample(item.query, m, group_seed(self.settings.seed, iteration, index))
+                seed = group_seed(self.settings.seed, iteration, index)
+                responses, finish, served, tokens = await self.sample(item.query, m, seed, model)
             gid = group_id(self.run_id, iteration, index)
             group = RolloutGroup(
                 run_id=self.run_id, iteration=iteration, group_id=gid, group_index=index, query=item.query,
-                responses=responses, adapter_version=served or version, query_source=item.source,
+                responses=responses, adapter_version=served or version, query_source=item.source, finish_reasons=finish,
             )  # fmt: skip
             pipe = self.redis.pipeline(transaction=True)
             pipe.xadd(STREAM_ROLLOUTS, encode_message(group))
@@ -266,6 +304,7 @@ class RolloutWorker:
             result.completion_tokens += tokens
             parsed += sum(extract_structured(r) is not None for r in responses)
             total += len(responses)
+            result.truncated += sum(f == FINISH_TRUNCATED for f in finish)
             if group.adapter_version not in result.adapter_versions:
                 result.adapter_versions.append(group.adapter_version)
             log.info("event=group_published group=%s responses=%d tokens=%d adapter=%s source=%s",
@@ -274,10 +313,11 @@ class RolloutWorker:
         await asyncio.gather(*(one(i, p) for i, p in todo))
         self._complete(iteration, len(planned))
         result.parsed_fraction = parsed / total if total else 0.0
+        result.responses = total
         result.seconds = time.perf_counter() - started
-        log.info("event=rollout_iteration_done run=%s iteration=%d published=%d skipped=%d tokens=%d parsed=%.2f s=%.1f",
-                 self.run_id, iteration, result.published, result.skipped, result.completion_tokens,
-                 result.parsed_fraction, result.seconds)  # fmt: skip
+        log.info("event=rollout_iteration_done run=%s iteration=%d published=%d skipped=%d tokens=%d parsed=%.2f "
+                 "truncated=%d s=%.1f", self.run_id, iteration, result.published, result.skipped,
+                 result.completion_tokens, result.parsed_fraction, result.truncated, result.seconds)  # fmt: skip
         return result
 
     def _complete(self, iteration: int, count: int) -> None:

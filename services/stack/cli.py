@@ -44,11 +44,18 @@ def up(
 
 def run(
     run_id: str = typer.Option(..., help="run id; the same id continues an interrupted run"),
-    iterations: int = typer.Option(3, help="semi-online iterations"),
+    iterations: int = typer.Option(3, help="semi-online iterations (ignored with --total-queries)"),
     queries: int = typer.Option(8, "--queries", "-k", help="K new queries per iteration (paper: 250 or 500)"),
+    total_queries: Optional[int] = typer.Option(
+        None, "--total-queries", "-n", min=1, help="query budget N (paper: 1000): ceil(N/K) iterations; offline: all N at once"
+    ),
     responses: int = typer.Option(8, "--responses", "-m", help="m responses per query (paper: 8)"),
     loss: str = typer.Option("grace_kto", help="grace_kto, or a baseline: kto, dpo, orpo, sft"),
-    offline: bool = typer.Option(False, "--offline", help="the paper's offline variant: a fixed query set"),
+    offline: bool = typer.Option(
+        False, "--offline", help="GRACE (offline): N queries generated once, sampled once from the starting policy, "
+        "calibrated as one dataset, trained --epochs epochs"
+    ),
+    epochs: Optional[int] = typer.Option(None, min=1, help="epochs per round (default: the trainer's setting, 1)"),
     stack_dir: Path = typer.Option(Path("runs/stack"), help="folder of the running stack (its stack.json)"),
     run_root: Path = typer.Option(Path("runs"), help="the run folder is <run-root>/<run-id>"),
     eval_limit: int = typer.Option(8, help="held-out requests evaluated per iteration"),
@@ -60,8 +67,8 @@ def run(
     from shared.runs import RunConfig
 
     info = StackInfo.load(stack_dir / "stack.json")
-    config = RunConfig(run_id=run_id, iterations=iterations, queries_per_iteration=queries,
-                       responses_per_query=responses, loss=loss, offline=offline)  # fmt: skip
+    config = RunConfig.from_budget(run_id, total_queries=total_queries, k=queries, iterations=iterations,
+                                   offline=offline, responses_per_query=responses, loss=loss, epochs=epochs)  # fmt: skip
     SemiOnlineRun(RunOptions(config=config, run_dir=run_root / run_id, eval_limit=eval_limit, judge=judge), info).run()
 
 

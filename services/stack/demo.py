@@ -15,15 +15,18 @@ from rich.console import Console
 
 from services.stack.loop import RunOptions, SemiOnlineRun
 from services.stack.stack import LocalStack, StackConfig
+from shared.rope import RopeConfig
 from shared.runs import RunConfig
 
 
 # The tiny policy needs larger steps than the paper's 5e-6 for one short
 # iteration to move it visibly (2e-4 left the rows unchanged), but 2e-3 cost it
 # the tag format on up to 5 of 12 held-out queries by iteration 3; 1e-3 kept
-# 11-12 of 12 in two runs. Short responses keep 2 cores fast.
+# 11-12 of 12 in two runs. No token cap: sampling and evaluation get the
+# window minus the prompt, as in a real run (a cap would make the longest
+# answers truncated negatives).
 DEMO_SERVICE_SETTINGS = {
-    "rollout": {"max_tokens": 1280, "dtype": "float32"},  # vLLM CPU would cast to bf16; the trainer trains fp32
+    "rollout": {"dtype": "float32"},  # vLLM CPU would cast to bf16; the trainer trains fp32
     "trainer": {"lora_rank": 16, "lora_alpha": 32, "learning_rate": 1e-3, "min_learning_rate": 1e-4, "epochs": 2},
 }
 
@@ -37,10 +40,10 @@ class DemoOptions:
     responses: int = 8
     loss: str = "grace_kto"
     eval_limit: int = 12
-    eval_max_tokens: int = 1280
+    eval_max_tokens: int | None = None  # the window minus the prompt, as in sampling
 
 
-def sft_policy(work_dir: Path, console: Console) -> Path:
+def sft_policy(work_dir: Path, console: Console, rope: RopeConfig) -> Path:
     """The SFT starting policy, built once per work folder (the marker is written last)."""
     from services.trainer.sft import SftOptions, run_sft
 
@@ -50,7 +53,7 @@ def sft_policy(work_dir: Path, console: Console) -> Path:
         console.print(f"SFT policy: reusing {out}")
         return out
     with console.status("SFT: teaching the tiny policy the <summary>/<outline>/<answer> format and query generation"):
-        result = run_sft(SftOptions(out=out))
+        result = run_sft(SftOptions(out=out, rope=rope))
     marker.write_text(str(result.get("final_loss")))
     rate = result["tag_rate"]
     measured = "" if rate is None else f", sampled tag rate {rate:.0%} on the seed queries"
@@ -73,7 +76,8 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> Path:
     models = ensure_model_set("tiny")
     console.print(f"models: {models.root}")
     console.rule("2/4 SFT stage")
-    policy = sft_policy(work_dir, console)
+    rope = RopeConfig()  # the demo keeps the defaults: YaRN 4x at inference, native RoPE in training
+    policy = sft_policy(work_dir, console, rope)
     console.rule("3/4 local stack")
     run_root = work_dir / "runs"
     stack = LocalStack(
@@ -98,7 +102,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> Path:
         run_id = options.run_id or time.strftime("demo-%Y%m%d-%H%M%S")
         config = RunConfig(
             run_id=run_id, iterations=options.iterations, queries_per_iteration=options.queries,
-            responses_per_query=options.responses, loss=options.loss,
+            responses_per_query=options.responses, loss=options.loss, rope=rope,
         )  # fmt: skip
         run = SemiOnlineRun(
             RunOptions(config=config, run_dir=run_root / run_id, eval_limit=options.eval_limit,

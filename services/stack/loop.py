@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,10 +29,12 @@ from rich.table import Table
 from services.stack.progress import wait_for_adapter, wait_for_samples
 from services.stack.stack import StackInfo
 from shared.local_redis import connect
-from shared.runs import RunConfig, load_run_config, save_run_config
+from shared.runs import RunConfig, load_run_config, read_samples_file, samples_file, save_run_config
+from shared.schemas import FINISH_TRUNCATED
 from shared.settings import load_settings
 
 if TYPE_CHECKING:
+    from services.rollout.config import RolloutSettings
     from services.rollout.worker import IterationResult
 
 log = logging.getLogger(__name__)
@@ -43,9 +46,9 @@ BASE_LABEL = "base"
 class RunOptions:
     config: RunConfig
     run_dir: Path
-    eval_queries: Path = Path("data/test_queries.jsonl")
+    eval_queries: Path | None = None  # None = the stack's ``heldout_queries`` setting
     eval_limit: int | None = 8
-    eval_max_tokens: int = 512
+    eval_max_tokens: int | None = None  # None = the window minus the prompt, as in sampling
     eval_temperature: float = 0.7
     stage_timeout_s: float = 3600.0
     judge: bool = False
@@ -58,17 +61,20 @@ class RunState:
     path: Path
     evaluated: dict[str, dict] = field(default_factory=dict)  # label -> summary values
     trained: list[int] = field(default_factory=list)
+    iterations: dict[str, dict] = field(default_factory=dict)  # iteration -> what its samples file says
 
     @classmethod
     def load(cls, path: Path) -> "RunState":
         if path.exists():
             data = json.loads(path.read_text())
-            return cls(path=path, evaluated=data.get("evaluated", {}), trained=data.get("trained", []))
+            return cls(path=path, evaluated=data.get("evaluated", {}), trained=data.get("trained", []),
+                       iterations=data.get("iterations", {}))  # fmt: skip
         return cls(path=path)
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"evaluated": self.evaluated, "trained": self.trained}, indent=2))
+        state = {"evaluated": self.evaluated, "trained": self.trained, "iterations": self.iterations}
+        tmp.write_text(json.dumps(state, indent=2))
         os.replace(tmp, self.path)
 
 
@@ -95,6 +101,8 @@ class SemiOnlineRun:
         self.redis = connect(info.redis_url)
 
     def _check_config(self) -> None:
+        if self.config.rope is None:  # recorded with the run: every service checks it against its own (paper 3.6)
+            self.config = self.config.model_copy(update={"rope": self.rollout_settings().rope()})
         stored = load_run_config(self.redis, self.config.run_id)
         if stored is not None and stored.model_dump(exclude={"iterations"}) != self.config.model_dump(exclude={"iterations"}):
             raise ValueError(
@@ -118,20 +126,25 @@ class SemiOnlineRun:
         self.console.print(f"report: {report}")
         return report
 
-    def _iteration(self, iteration: int) -> None:
+    def rollout_settings(self) -> RolloutSettings:
+        """The stack's own settings file: the worker samples as the services are set."""
         from services.rollout.config import RolloutSettings
+
+        return load_settings(
+            RolloutSettings, self.info.config_path, run_id=self.config.run_id, gateway_url=self.info.urls["rollout"]
+        )
+
+    def _iteration(self, iteration: int) -> None:
         from services.rollout.worker import run_iteration
 
         timeout = self.options.stage_timeout_s
         started = time.perf_counter()
-        with self.console.status(f"iteration {iteration}: rollout (K={self.config.queries_per_iteration}, m={self.config.responses_per_query})"):
-            settings = load_settings(  # the stack's own settings file: the worker samples as the services are set
-                RolloutSettings, self.info.config_path, run_id=self.config.run_id, gateway_url=self.info.urls["rollout"]
-            )
-            result = asyncio.run(run_iteration(settings, self.redis, iteration, offline=self.config.offline))
+        k, m = self.config.queries_in(iteration), self.config.responses_per_query
+        with self.console.status(f"iteration {iteration}: rollout (K={k}, m={m})"):
+            result = asyncio.run(run_iteration(self.rollout_settings(), self.redis, iteration, offline=self.config.offline))
         self.console.print(
             f"iteration {iteration}: rollout published {result.published} groups "
-            f"({_query_sources(result)}parsed {result.parsed_fraction:.0%}, "
+            f"({_query_sources(result)}parsed {result.parsed_fraction:.0%}, truncated {result.truncation_rate:.0%}, "
             f"{result.completion_tokens} tokens, {result.seconds:.1f}s)"
         )
         with self.console.status(f"iteration {iteration}: reward scoring and calibration"):
@@ -141,20 +154,26 @@ class SemiOnlineRun:
         with self.console.status(f"iteration {iteration}: training ({self.config.loss}) and hot swap of {version}"):
             status = wait_for_adapter(self.redis, self.config.run_id, version, timeout)
         self.console.print(f"iteration {iteration}: adapter {version} serving as policy on {status.replica}")
+        trained = iteration_record(samples_file(self.run_dir.parent, self.config.run_id, iteration))
         self._evaluate(stage_label(iteration))
         self.state.trained.append(iteration)
+        self.state.iterations[str(iteration)] = trained
         self.state.save()
         self._append_metrics({"iteration": iteration, "stage": "iteration", "seconds": time.perf_counter() - started,
-                              "groups": result.published, "samples": marker.count, "adapter": version})  # fmt: skip
+                              "groups": result.published, "samples": marker.count, "adapter": version,
+                              "heldout_dropped": result.heldout_dropped, **trained})  # fmt: skip
 
     def _evaluate(self, label: str) -> None:
         from services.judge.eval import EvalOptions, PolicySpec, run_eval
 
         slug = label.replace(" ", "-")
+        settings = self.rollout_settings()
+        # the base row is the starting policy itself, whatever adapter an earlier run left as `policy`
+        model = settings.served_model_name if label == BASE_LABEL else settings.policy_name
         with self.console.status(f"evaluating {label} on the held-out split"):
             opts = EvalOptions(
-                policies=[PolicySpec(label=label, model="policy")],
-                queries=self.options.eval_queries,
+                policies=[PolicySpec(label=label, model=model)],
+                queries=self.options.eval_queries or settings.heldout_queries,
                 limit=self.options.eval_limit,
                 out_dir=self.run_dir / "eval" / slug,
                 rollout_url=self.info.urls["rollout"] + "/v1",
@@ -185,10 +204,11 @@ class SemiOnlineRun:
         for column in AUTOMATIC_COLUMNS:
             table.add_column(column.title, justify="right")
         table.add_column("parsed", justify="right")
+        table.add_column("truncated", justify="right")
         for label in self.labels():
             values = self.state.evaluated.get(label, {})
             cells = [_fmt(values.get(c.key), c.digits) for c in AUTOMATIC_COLUMNS]
-            table.add_row(label, *cells, _fmt(values.get("parse_rate"), 2))
+            table.add_row(label, *cells, _fmt(values.get("parse_rate"), 2), _fmt(values.get("truncation_rate"), 2))
         return table
 
     def write_report(self) -> Path:
@@ -204,14 +224,20 @@ class SemiOnlineRun:
         )  # fmt: skip
         curves = plot_training_curves(self.run_dir / "train_metrics.jsonl", self.run_dir / "training_curves.png")
         c = self.config
+        mode = f"offline ({c.queries_per_iteration} queries, one round)" if c.offline else "semi-online"
+        budget = f", N={c.total_queries}" if c.total_queries else ""
         lines = [
             f"# Run {c.run_id}\n",
             f"loss `{c.loss}`, {len(self.state.trained)}/{c.iterations} iterations, K={c.queries_per_iteration}, "
-            f"m={c.responses_per_query}, {'offline' if c.offline else 'semi-online'}\n",
+            f"m={c.responses_per_query}{budget}, {mode}\n",
             "## Held-out metrics per iteration (Table 4 style)\n",
             table,
             "Parse rate: " + ", ".join(f"{label} {_fmt(values[label].get('parse_rate'), 2)}" for label in labels) + "\n",
+            "Truncation rate (finish_reason `length`): "
+            + ", ".join(f"{label} {_fmt(values[label].get('truncation_rate'), 2)}" for label in labels) + "\n",
             "![z-scores during training](progress_zscores.png)\n",
+            "## What each iteration trained on (`samples/iter-NNNN.jsonl`)\n",
+            training_data_table(self.state.iterations),
         ]
         if curves:
             lines.append("![training curves](training_curves.png)\n")
@@ -219,6 +245,23 @@ class SemiOnlineRun:
         path = self.run_dir / "report.md"
         path.write_text("\n".join(lines))
         return path
+
+
+def training_data_table(iterations: dict[str, dict]) -> str:
+    """Markdown: per iteration, the samples, parse and truncation rates, degenerate groups and |Omega+/-|."""
+    head = "| iteration | samples | parsed | truncated | degenerate groups | Omega+ | Omega- | query sources |"
+    lines = [head, "|---" * 8 + "|"]
+    for key in sorted(iterations, key=int):
+        r = iterations[key]
+        if not r:
+            lines.append(f"| {key} | (no samples file here) | | | | | | |")
+            continue
+        sources = ", ".join(f"{n} {name}" for name, n in sorted(r["sources"].items()))
+        lines.append(
+            f"| {key} | {r['trained_samples']} | {_fmt(r['parse_rate'], 2)} | {_fmt(r['truncation_rate'], 2)} "
+            f"| {r['degenerate_groups']}/{r['groups']} | {r['omega_plus']} | {r['omega_minus']} | {sources} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(value, digits: int) -> str:
@@ -251,8 +294,42 @@ def plot_training_curves(metrics_path: Path, out: Path) -> Path | None:
     return out
 
 
+def iteration_record(path: Path) -> dict:
+    """What one iteration trained on, from its samples file ({} if the trainer wrote none here).
+
+    ``degenerate_groups``: groups with fewer than two parsed responses or all rank sums tied; their
+    parsed members have Z = 0 and, by eq. 8 taken literally, count in |Omega+|.
+    """
+    if not path.exists():
+        return {}
+    rows = read_samples_file(path)
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["query_id"], []).append(row)
+    parsed = [r for r in rows if r["parsed"]]
+
+    def degenerate(members: list[dict]) -> bool:
+        zs = [r["z"] for r in members if r["parsed"]]
+        return len(zs) < 2 or all(z == 0 for z in zs)
+
+    truncated = sum(r["finish_reason"] == FINISH_TRUNCATED for r in rows)
+    return {
+        "trained_samples": len(rows),
+        "parse_rate": len(parsed) / len(rows) if rows else None,
+        "truncated": truncated,
+        "truncation_rate": truncated / len(rows) if rows else None,
+        "groups": len(groups),
+        "degenerate_groups": sum(degenerate(members) for members in groups.values()),
+        "omega_plus": sum(r["weight"] >= 0 and r["parsed"] for r in rows),
+        "omega_minus": sum(not (r["weight"] >= 0 and r["parsed"]) for r in rows),
+        "sources": dict(Counter(members[0]["source"] for members in groups.values())),
+    }
+
+
 def _query_sources(result: IterationResult) -> str:
-    """Where the iteration's queries came from, for the progress line (nothing for a fixed offline set)."""
-    if result.generated == result.fallback == 0:
+    """Where the iteration's queries came from, for the progress line (nothing on a restart that planned nothing new)."""
+    if result.generated == result.fallback == result.offline == 0:
         return ""
-    return f"queries: {result.generated} generated, {result.fallback} seed_fallback; "
+    made = f"{result.offline} offline" if result.offline else f"{result.generated} generated"
+    dropped = f", {result.heldout_dropped} held-out dropped" if result.heldout_dropped else ""
+    return f"queries: {made}, {result.fallback} seed_fallback{dropped}; "

@@ -62,3 +62,21 @@ def cosine_lr(step: int, total_steps: int, peak: float, floor: float, warmup_rat
     decay_steps = max(total_steps - warmup - 1, 1)
     progress = min((step - warmup) / decay_steps, 1.0)
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def iteration_steps(samples: int, batch_size: int, epochs: int) -> int:
+    """Optimizer steps of one iteration: ``epochs`` passes of ceil(samples / batch_size) batches."""
+    return epochs * math.ceil(samples / batch_size)
+
+
+def run_schedule(steps_per_iteration: list[int], iteration: int, steps_done: int | None = None) -> tuple[int, int]:
+    """(step offset, steps after) of ``iteration`` on a run-long cosine (``lr_schedule="run"``).
+
+    The offset is the steps done in earlier iterations: ``steps_done`` when the
+    carried optimizer state recorded it, else the estimate for iterations < ``iteration``.
+    "Steps after" is the estimate for the later iterations. The run's total is
+    offset + this iteration's (actual) steps + steps after, so the schedule at
+    global step offset + k is ``cosine_lr(offset + k, total, ...)``.
+    """
+    offset = sum(steps_per_iteration[:iteration]) if steps_done is None else steps_done
+    return offset, sum(steps_per_iteration[iteration + 1 :])

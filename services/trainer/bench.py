@@ -123,7 +123,7 @@ def run_method(method: str, policy: str, data: Path, opts: BenchOptions) -> dict
     samples = [WeightedSample(**row) for row in json.loads(data.read_text())]
     runtime = resolve_runtime(settings)
     tokenizer = load_tokenizer(policy)
-    base = load_base(policy, runtime, settings.yarn_factor)
+    base = load_base(policy, runtime, settings.rope())
 
     if method == "trl_kto":
         from datasets import Dataset

@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shared.settings import ServiceSettings, service_config
 
@@ -38,6 +38,17 @@ class TrainerSettings(ServiceSettings):
     learning_rate: float = Field(5e-6, gt=0, description="peak learning rate of the cosine schedule (paper: 5e-6)")
     min_learning_rate: float = Field(1e-6, ge=0, description="final learning rate of the cosine schedule (paper: 1e-6)")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="linear warm-up share of the steps (paper: 10%)")
+    lr_schedule: Literal["per_iteration", "run"] = Field(
+        "per_iteration",
+        description=(
+            "per_iteration (default): every iteration runs its own cosine (warm-up, peak learning_rate -> "
+            "min_learning_rate) with a fresh AdamW, starting from the previous adapter's weights; each round trains "
+            "on a fresh dataset sampled from a new policy, so each gets the same warm-up and step sizes, where a "
+            "run-long cosine would leave the late rounds at the floor LR. run: one cosine over the whole run, its "
+            "length estimated from the run config (iterations, K per round, m, epochs) and batch_size, the AdamW "
+            "state carried between iterations in optimizer.pt beside the adapter (not supported under DeepSpeed yet)"
+        ),
+    )
     batch_size: int = Field(8, ge=1, description="samples (pairs for DPO/ORPO) per optimizer step (paper: 8)")
     epochs: int = Field(1, ge=1, description="epochs over each iteration's samples (paper: 1)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
@@ -64,9 +75,8 @@ class TrainerSettings(ServiceSettings):
     )
     attn_implementation: str = Field("auto", description="auto: flash_attention_2 when importable on CUDA, else sdpa")
     gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", description="auto: on with CUDA, off on CPU")
-    yarn_factor: float | None = Field(
-        4.0, description="YaRN rope scaling applied at load, as the rollout serves the policy (paper 3.6); unset = native"
-    )
+    # yarn_factor, native_window, rope_scope (ServiceSettings, ``common:``): YaRN is applied at load only with
+    # rope_scope=inference_and_training; the default (paper 3.6) trains with the model's native RoPE
     deepspeed: Path | None = Field(
         None, description="DeepSpeed JSON config (services/trainer/deepspeed/zero2.json or zero3.json) under the deepspeed launcher"
     )
@@ -82,6 +92,15 @@ class TrainerSettings(ServiceSettings):
         3600, ge=10, description="an iteration a trainer holds is taken over by another trainer after this long"
     )
     max_iterations: int | None = Field(None, ge=1, description="stop after training this many iterations (unset = run forever)")
+
+    @model_validator(mode="after")
+    def _run_schedule_needs_own_optimizer(self) -> "TrainerSettings":
+        if self.lr_schedule == "run" and self.deepspeed is not None:
+            raise ValueError(
+                "lr_schedule='run' is not supported under DeepSpeed yet (the AdamW state to carry between "
+                "iterations is DeepSpeed's); use lr_schedule='per_iteration'"
+            )
+        return self
 
     def lora_scale(self) -> float:
         return self.lora_alpha / self.lora_rank

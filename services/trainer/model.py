@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from services.trainer.config import TrainerSettings
+    from shared.rope import RopeConfig
 
 log = logging.getLogger(__name__)
 
@@ -90,25 +91,32 @@ def load_tokenizer(path: str | Path) -> Any:
     return tokenizer
 
 
-def model_config(path: str | Path, yarn_factor: float | None) -> Any:
-    """The base config, with YaRN rope scaling when ``yarn_factor`` is set, as the rollout serves it (paper 3.6)."""
+def model_config(path: str | Path, rope: RopeConfig | None) -> Any:
+    """The base config under the run's RoPE setting (paper 3.6).
+
+    YaRN (``rope.yarn_factor`` x the native window, the native window override honoured, exactly as the
+    rollout serves it) only with ``scope="inference_and_training"``; otherwise, and for ``rope=None``,
+    the model's native RoPE: the paper applies YaRN "in vLLM ... at inference".
+    """
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(path))
-    if yarn_factor and yarn_factor > 1:
+    factor = rope.training_factor() if rope is not None else None
+    if factor:
         from shared.tiny_models import native_window, yarn_rope_parameters
 
-        config.rope_parameters = yarn_rope_parameters(path, yarn_factor)
-        config.max_position_embeddings = int(yarn_factor * native_window(path))
+        native = rope.native_window or native_window(path)
+        config.rope_parameters = yarn_rope_parameters(path, factor, native)
+        config.max_position_embeddings = int(factor * native)
     return config
 
 
-def load_base(path: str | Path, runtime: Runtime, yarn_factor: float | None = None) -> Any:
-    """The frozen base model on ``runtime.device`` (4-bit when ``runtime.quantize``)."""
+def load_base(path: str | Path, runtime: Runtime, rope: RopeConfig | None = None) -> Any:
+    """The frozen base model on ``runtime.device`` (4-bit when ``runtime.quantize``), RoPE per ``model_config``."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {
-        "config": model_config(path, yarn_factor),
+        "config": model_config(path, rope),
         "attn_implementation": runtime.attn_implementation,
         "dtype": torch.float32 if runtime.autocast else runtime.dtype,
     }
@@ -161,13 +169,13 @@ def load_policy(settings: TrainerSettings, runtime: Runtime | None = None, base_
     runtime = runtime or resolve_runtime(settings)
     path = Path(base_path) if base_path else base_model_path(settings)
     tokenizer = load_tokenizer(path)
-    base = load_base(path, runtime, settings.yarn_factor)
+    base = load_base(path, runtime, settings.rope())
     torch.manual_seed(settings.seed)
     model = get_peft_model(base, lora_config(settings))
     log.info(
-        "event=policy_loaded base=%s device=%s dtype=%s autocast=%s qlora=%s attn=%s checkpointing=%s trainable=%d",
-        path, runtime.device, runtime.dtype, runtime.autocast, runtime.quantize,
-        runtime.attn_implementation, runtime.gradient_checkpointing,
+        "event=policy_loaded base=%s device=%s dtype=%s autocast=%s qlora=%s attn=%s checkpointing=%s rope=%s "
+        "trainable=%d", path, runtime.device, runtime.dtype, runtime.autocast, runtime.quantize,
+        runtime.attn_implementation, runtime.gradient_checkpointing, "yarn" if settings.rope().training_factor() else "native",
         sum(p.numel() for p in model.parameters() if p.requires_grad),
     )  # fmt: skip
     return model, tokenizer, runtime

@@ -3,9 +3,10 @@
 Fine-tunes on the project's tagged examples under the 3.1 system prompt, loss
 on response tokens only, full-parameter (the paper's choice) or LoRA (then
 merged). Writes a plain model folder (safetensors, tokenizer, chat template)
-that vLLM serves and the trainer loads as its base; YaRN is applied at load
-time for training (as the rollout serves it) and never baked into the saved
-config.
+that vLLM serves and the trainer loads as its base. The RoPE setting is the
+run's (``common:`` yarn_factor, native_window, rope_scope; ``SftOptions.rope``
+is checked against it): YaRN is applied at load only with
+``rope_scope=inference_and_training`` and never baked into the saved config.
 
 Real models get the paper's defaults (one epoch). A model under 10M parameters
 (the tiny preset) trains in rounds of 100 epochs on sections cut to random
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 
+from shared.rope import RopeConfig, check_rope
 from shared.tiny_models import STRUCTURE_TAGS
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,9 @@ class SftOptions:
     query_generation_examples: int | None = None
     seed_queries: Path = Path("data/seed_queries.jsonl")  # the rollout's seed set: probe and generation prompts
     probe_size: int = 48
+    # the run's RoPE setting (RunConfig.rope) to check the trainer settings against; None = not checked
+    rope: RopeConfig | None = None
+    run_id: str = "sft"
 
 
 def load_examples(path: Path) -> list[tuple[str, str]]:
@@ -125,10 +130,11 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
     if opts.mode not in PAPER_DEFAULTS:
         raise ValueError(f"mode must be full or lora, not {opts.mode!r}")
     settings = TrainerSettings(**({"policy_model": opts.base} if opts.base else {}))
+    check_rope(opts.run_id, opts.rope, settings.rope(), "SFT stage")  # one RoPE setting per run (paper 3.6)
     runtime = resolve_runtime(settings.model_copy(update={"quantization": "none"}))  # SFT trains full weights
     base = base_model_path(settings)
     tokenizer = load_tokenizer(base)
-    model = load_base(base, runtime, settings.yarn_factor)
+    model = load_base(base, runtime, settings.rope())  # YaRN only with rope_scope=inference_and_training
     small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS
     defaults = (SMALL_MODEL_DEFAULTS if small else PAPER_DEFAULTS)[opts.mode]
     chosen = {k: getattr(opts, k) if getattr(opts, k) is not None else v for k, v in defaults.items()}

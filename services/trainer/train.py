@@ -204,8 +204,18 @@ def rank_world() -> tuple[int, int]:
 class Trainer:
     """Trains the live peft model in place; one ``train`` call = ``settings.epochs`` epochs (paper: 1)."""
 
-    def __init__(self, model: Any, tokenizer: Any, settings: TrainerSettings, runtime: Runtime, loss: str | None = None):
+    def __init__(
+        self, model: Any, tokenizer: Any, settings: TrainerSettings, runtime: Runtime, loss: str | None = None, *,
+        step_offset: int = 0, later_steps: int = 0, optimizer_state: dict[str, Any] | None = None,
+    ):  # fmt: skip
+        """``step_offset``, ``later_steps``: the steps before and after this call on a run-long cosine
+        (``lr_schedule="run"``, see ``batching.run_schedule``); 0 and 0 = a cosine over this call alone.
+        ``optimizer_state``: an AdamW state dict to continue from (plain AdamW only)."""
         self.model = model
+        self.step_offset = step_offset
+        self.later_steps = later_steps
+        self.optimizer_state = optimizer_state
+        self.optimizer: Optimizer | None = None  # the last call's, for saving its state
         self.tokenizer = tokenizer
         self.settings = settings
         self.runtime = runtime
@@ -235,9 +245,17 @@ class Trainer:
     def _grad_logps(self, sequences: list[Sequence]) -> torch.Tensor:
         return sequence_logps(self._forward_model, sequences, self.pad_id, self.runtime)
 
-    def _schedule(self, total_steps: int) -> Callable[[int], float]:
-        s = self.settings
-        return lambda step: cosine_lr(step, total_steps, s.learning_rate, s.min_learning_rate, s.warmup_ratio)
+    def _schedule(self, steps: int) -> Callable[[int], float]:
+        """LR of this call's step k: step offset + k of a cosine over offset + steps + later steps."""
+        s, offset = self.settings, self.step_offset
+        total = offset + steps + self.later_steps
+        return lambda step: cosine_lr(offset + step, total, s.learning_rate, s.min_learning_rate, s.warmup_ratio)
+
+    def optimizer_state_dict(self) -> dict[str, Any] | None:
+        """The AdamW state after the last call (the loaded one if it made no step); None under DeepSpeed."""
+        if self.optimizer is None:
+            return self.optimizer_state
+        return None if self.optimizer.engine is not None else self.optimizer.optimizer.state_dict()
 
     def _batches(self, n: int, iteration: int) -> list[list[int]]:
         s = self.settings
@@ -246,7 +264,12 @@ class Trainer:
     def _prepare(self, micro_batch_size: int) -> Optimizer:
         self.model.train()
         optimizer = Optimizer(self.model, self.settings, micro_batch_size)
+        if self.optimizer_state is not None:
+            if optimizer.engine is not None:
+                raise ValueError("carrying the optimizer state between iterations is not supported under DeepSpeed yet")
+            optimizer.optimizer.load_state_dict(self.optimizer_state)
         self._forward_model = optimizer.model or self.model
+        self.optimizer = optimizer
         return optimizer
 
     def _emit(self, result: EpochResult, row: dict[str, Any], on_step: StepCallback | None) -> None:

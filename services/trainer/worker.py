@@ -26,11 +26,13 @@ from typing import Any
 
 import redis
 
+from services.trainer.batching import iteration_steps
 from services.trainer.config import TrainerSettings
 from services.trainer.state import TrainerState
 from services.trainer.train import rank_world
 from shared.adapters import AdapterStore, adapter_checksum, adapter_rank
-from shared.runs import load_run_config
+from shared.rope import RopeMismatch, check_rope
+from shared.runs import RunConfig, load_run_config, samples_file, write_samples_file
 from shared.schemas import (
     STREAM_ADAPTERS, STREAM_SAMPLES, AdapterEvent, IterationComplete, WeightedSample, decode_message, entry_identity,
 )  # fmt: skip
@@ -43,6 +45,19 @@ VERSION_RE = re.compile(r"^iter-(\d+)$")
 
 def adapter_version(iteration: int) -> str:
     return f"iter-{iteration:04d}"
+
+
+OPTIMIZER_FILE = "optimizer.pt"  # lr_schedule="run": AdamW state + steps done, beside the adapter
+
+
+def run_steps_estimate(run_config: RunConfig, settings: TrainerSettings, loss: str) -> list[int]:
+    """Estimated optimizer steps of every iteration of a run (lr_schedule="run"): K_i x m samples per round
+    (K_i best-vs-worst pairs for DPO/ORPO; SFT keeps only the positives, so its estimate is high), epochs passes."""
+    per_query = 1 if loss in ("dpo", "orpo") else run_config.responses_per_query
+    return [
+        iteration_steps(run_config.queries_in(i) * per_query, settings.batch_size, settings.epochs)
+        for i in range(run_config.iterations)
+    ]
 
 
 def latest_adapter(store: AdapterStore, run_id: str, before: int) -> Path | None:
@@ -69,6 +84,7 @@ class TrainerWorker:
         )  # fmt: skip
         self._policy: tuple[Any, Any, Any] | None = None  # (model, tokenizer, runtime), loaded at first use
         self.trained = 0
+        self.refused: dict[str, str] = {}  # run id -> why it is not trained here (RoPE mismatch)
         self.rank, self.world = rank_world()
 
     # ---- ingestion
@@ -123,7 +139,7 @@ class TrainerWorker:
         """(run, iteration) pairs whose next iteration holds all its samples."""
         out = []
         for run_id in self.state.runs():
-            nxt = self.state.next_iteration(run_id)
+            nxt = None if run_id in self.refused else self.state.next_iteration(run_id)
             if nxt is None:
                 continue
             iteration, expected, arrived = nxt
@@ -149,6 +165,7 @@ class TrainerWorker:
             log.warning("event=sample_count_mismatch run=%s iteration=%d held=%d dropped=%d expected=%d",
                         run_id, iteration, len(samples), len(dropped), expected)  # fmt: skip
         run_config = load_run_config(self.client, run_id)
+        check_rope(run_id, run_config and run_config.rope, self.settings.rope(), "trainer")  # RopeMismatch: refused
         loss = run_config.loss if run_config else self.settings.loss
         summary: dict[str, Any] = {}
         if self.rank != 0:  # other DeepSpeed ranks only join the training and the adapter gather
@@ -167,6 +184,7 @@ class TrainerWorker:
             publish(self.client, STREAM_ADAPTERS, event)
             self.state.mark_published(run_id, version)
             log.info("event=adapter_published run=%s version=%s checksum=%s", run_id, version, checksum[:12])
+        write_samples_file(samples_file(self.settings.run_root, run_id, iteration), samples)
         record = {"version": version, "path": str(path), "checksum": checksum, "samples": len(samples),
                   "dropped": len(dropped), "loss": loss, **summary}  # fmt: skip
         manifest = IterationManifest(self.client, run_id)
@@ -202,7 +220,8 @@ class TrainerWorker:
                     sink.write(json.dumps({"run_id": run_id, "attempt": attempt, "loss_name": loss, **row}) + "\n")
                     sink.flush()
 
-            result = Trainer(model, tokenizer, self.settings, runtime, loss=loss).train(samples, iteration, on_step)
+            trainer = self._trainer(run_id, iteration, loss, start, (model, tokenizer, runtime))
+            result = trainer.train(samples, iteration, on_step)
         summary = result.summary()
         weights = adapter_state_dict(model)  # a collective under ZeRO-3: every rank takes part
         if self.rank != 0:
@@ -213,6 +232,11 @@ class TrainerWorker:
             state = {"run_id": run_id, "iteration": iteration, "version": version, "start": start.name if start else None,
                      "sample_ids": [s.sample_id for s in samples], **summary}  # fmt: skip
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            optimizer_state = trainer.optimizer_state_dict() if trainer.settings.lr_schedule == "run" else None
+            if optimizer_state is not None:  # lr_schedule="run": the next iteration continues this AdamW
+                import torch
+
+                torch.save({"state": optimizer_state, "steps_done": trainer.step_offset + result.steps}, tmp / OPTIMIZER_FILE)
 
         try:
             path, checksum = self.store.write(run_id, version, save)
@@ -222,7 +246,41 @@ class TrainerWorker:
         log.info("event=adapter_written run=%s version=%s path=%s tokens_per_s=%s", run_id, version, path, summary["tokens_per_s"])
         return path, checksum, summary
 
+    def _trainer(self, run_id: str, iteration: int, loss: str, start: Path | None, policy: tuple[Any, Any, Any]) -> Any:
+        """A Trainer with the run's epochs (RunConfig.epochs, else the setting) and, for lr_schedule="run",
+        its place on the run-long cosine and the AdamW state the previous iteration left in ``start``."""
+        import torch
+
+        from services.trainer.batching import run_schedule
+        from services.trainer.train import Trainer
+
+        run_config = load_run_config(self.client, run_id)
+        settings = self.settings
+        if run_config is not None and run_config.epochs is not None:
+            settings = settings.model_copy(update={"epochs": run_config.epochs})
+        if settings.lr_schedule != "run":
+            return Trainer(*policy[:2], settings, policy[2], loss=loss)
+        if run_config is None:
+            log.warning("event=lr_schedule_fallback run=%s iteration=%d detail=no run config in Redis to size a "
+                        "run-long cosine; this iteration uses its own schedule", run_id, iteration)  # fmt: skip
+            return Trainer(*policy[:2], settings, policy[2], loss=loss)
+        carried = None
+        if start is not None and (start / OPTIMIZER_FILE).exists():
+            carried = torch.load(start / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        offset, later = run_schedule(run_steps_estimate(run_config, settings, loss), iteration,
+                                     carried["steps_done"] if carried else None)  # fmt: skip
+        log.info("event=lr_schedule run=%s iteration=%d step_offset=%d later_steps=%d optimizer=%s",
+                 run_id, iteration, offset, later, "carried" if carried else "fresh")  # fmt: skip
+        return Trainer(*policy[:2], settings, policy[2], loss=loss, step_offset=offset, later_steps=later,
+                       optimizer_state=carried["state"] if carried else None)  # fmt: skip
+
     # ---- loop
+
+    def _refuse(self, run_id: str, exc: RopeMismatch) -> None:
+        """A run with another RoPE setting than this trainer's (paper 3.6) is not trained here: logged once,
+        then skipped by ``ready`` (not marked done: a trainer restarted with the run's setting takes it)."""
+        self.refused[run_id] = str(exc)
+        log.error("event=rope_mismatch run=%s action=run_refused detail=%s", run_id, exc)
 
     def run_once(self, block_ms: int | None = None) -> int:
         """One ingest read, then every ready iteration; returns iterations trained."""
@@ -234,6 +292,9 @@ class TrainerWorker:
                 continue
             try:
                 self.train_iteration(run_id, iteration)
+            except RopeMismatch as exc:
+                self._refuse(run_id, exc)
+                continue
             finally:
                 self.state.release(run_id, iteration, self.settings.consumer)
             trained += 1
@@ -254,7 +315,10 @@ class TrainerWorker:
                 box = [self.ready()[:1] if self.rank == 0 and self.ingest() >= 0 else None]
                 dist.broadcast_object_list(box, src=0)
                 for run_id, iteration in box[0]:
-                    self.train_iteration(run_id, iteration)
+                    try:
+                        self.train_iteration(run_id, iteration)
+                    except RopeMismatch as exc:  # every rank reads the same run config: all refuse together
+                        self._refuse(run_id, exc)
             if self.settings.max_iterations and self.trained >= self.settings.max_iterations:
                 log.info("event=trainer_stopping trained=%d", self.trained)
                 return

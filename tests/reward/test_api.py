@@ -39,10 +39,11 @@ def test_health_ready_docs_and_metrics(api):
 def test_score_contract_and_dataset_wide_normalization(api):
     body = {
         "groups": [
-            {"query": "Report on SOE reform", "responses": [structured("s1", DOC_SHORT), "", structured("s2", DOC_OTHER)]},
+            {"query": "Report on SOE reform", "responses": [structured("s1", DOC_SHORT), "", structured("s2", DOC_OTHER)],
+             "finish_reasons": ["stop", "length", "stop"]},
             {"query": "国企改革报告", "responses": [structured("摘要", DOC_OTHER * 2), "just text, no tags"]},
         ]
-    }
+    }  # fmt: skip
     reply = api.post("/v1/score", json=body)
     assert reply.status_code == 200, reply.text
     groups = reply.json()["groups"]
@@ -51,7 +52,7 @@ def test_score_contract_and_dataset_wide_normalization(api):
     assert [r["index"] for g in groups for r in g["results"]] == [0, 1, 2, 0, 1]
     assert [r["parsed"] for r in results] == [True, False, True, True, False]
     for r in results:
-        assert set(r) == {"index", "parsed", "metrics", "rank_sum", "z", "weight"}
+        assert set(r) == {"index", "parsed", "metrics", "rank_sum", "z", "weight", "finish_reason"}
         if r["parsed"]:
             assert set(r["metrics"]) == METRIC_KEYS and r["rank_sum"] is not None and r["z"] is not None
         else:
@@ -62,6 +63,14 @@ def test_score_contract_and_dataset_wide_normalization(api):
     assert sum(pos) == pytest.approx(len(pos)) and sum(neg) == pytest.approx(-len(neg))
     assert len(pos) == 2 and len(neg) == 1  # group 1: z = +1 / -1; group 2's single response: z = 0, weight 0
     assert groups[1]["results"][0]["z"] == 0.0 and groups[1]["results"][0]["weight"] == 0.0
+    # finish reasons are echoed ('length' = truncated); a group that sends none gets null
+    assert [r["finish_reason"] for r in results] == ["stop", "length", "stop", None, None]
+
+
+def test_finish_reasons_must_match_the_responses(api):
+    body = {"groups": [{"query": "q", "responses": ["a", "b"], "finish_reasons": ["stop"]}]}
+    reply = api.post("/v1/score", json=body)
+    assert reply.status_code == 422 and "finish_reasons has 1 entries for 2 responses" in reply.text
 
 
 def test_calibrate_needs_no_model_and_matches_score(api):

@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.reward.calibration import average_ranks, calibrate, global_normalize, group_z, rank_sum
+from services.reward.calibration import (
+    average_ranks,
+    calibrate,
+    degenerate_group_count,
+    global_normalize,
+    group_z,
+    rank_sum,
+)
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,39 @@ def test_degenerate_group_gets_zero_weight_and_one_response_group_too():
     assert [r.z for g in out for r in g] == [0.0] * 4
     assert [r.weight for g in out for r in g] == [0.0] * 4
     assert all(r.desirable for g in out for r in g)
+
+
+def test_default_keeps_eq8_literally_a_singleton_group_joins_omega_plus():
+    std = math.sqrt(3.38 / 3)
+    z = [0.7 / std, -1.5 / std, 0.8 / std]
+    pos_sum, neg_sum = z[0] + z[2] + 1.0, z[1] - 1.0  # groups [A, B, C] and [D, E] (see the hand example)
+    out = calibrate([[A, B, C], [D, E], [None, A]])
+    assert calibrate([[A, B, C], [D, E], [None, A]], degenerate_groups="omega_plus") == out  # the default
+    (g1, g2, g3) = out
+    # the singleton's Z = 0 member is in Omega+: |Omega+| = 4, not 3, and the Z > 0 weights grow by 4/3
+    assert [(r.rank_sum, r.z, r.weight, r.desirable) for r in g3] == [(None, None, -1.0, False), (5.0, 0.0, 0.0, True)]
+    assert [r.weight for r in g1] == pytest.approx([z[0] / pos_sum * 4, -z[1] / neg_sum * 2, z[2] / pos_sum * 4])
+    assert [r.weight for r in g2] == pytest.approx([1.0 / neg_sum * 2, 1.0 / pos_sum * 4])
+    assert sum(r.weight for g in out for r in g if r.parsed and r.weight >= 0) == pytest.approx(4.0)
+
+
+def test_exclude_gives_degenerate_groups_zero_weight_and_leaves_the_rest_as_without_them():
+    base = calibrate([[A, B, C], [D, E]])
+    out = calibrate([[A, B, C], [B], [D, E], [C, C, None, C]], degenerate_groups="exclude")
+    assert out[0] == base[0] and out[2] == base[1]
+    assert [(r.rank_sum, r.z, r.weight) for r in out[1]] == [(5.0, 0.0, 0.0)]  # rank 1 on every term: 1+1+1+0.8+0.2+1
+    assert [(r.parsed, r.z, r.weight) for r in out[3]] == [(True, 0.0, 0.0)] * 2 + [(False, None, -1.0), (True, 0.0, 0.0)]
+    assert out[3][0].rank_sum == 2 * 5.0  # all tied: rank 2 on every term
+    assert all(r.desirable for r in out[1] + out[3] if r.parsed)  # still Omega+ by sign, just weight 0
+    with pytest.raises(ValueError, match="degenerate_groups"):
+        calibrate([[A]], degenerate_groups="drop")  # type: ignore[arg-type]
+
+
+def test_degenerate_group_count():
+    assert degenerate_group_count([]) == 0
+    assert degenerate_group_count([[A, B, C], [D, E]]) == 0
+    # singleton, all tied, one parsed of two, nothing parsed
+    assert degenerate_group_count([[A, B, C], [B], [C, C, None, C], [None, D], [None, None], [D, E]]) == 4
 
 
 # --------------------------------------------------------------------------- properties
@@ -173,3 +213,43 @@ def test_unparsed_responses_do_not_move_other_weights(groups, extra):
     before = [r for g in calibrate(groups) for r in g if r.parsed]
     after = [r for g in calibrate(padded) for r in g if r.parsed]
     assert before == after
+
+
+@given(datasets)
+def test_exclude_equals_calibrating_without_the_degenerate_groups(groups):
+    def degenerate(g):
+        return degenerate_group_count([g]) == 1
+
+    out = calibrate(groups, degenerate_groups="exclude")
+    kept = iter(calibrate([g for g in groups if not degenerate(g)]))
+    for g, res in zip(groups, out):
+        if degenerate(g):
+            assert all((r.z, r.weight) == (0.0, 0.0) for r in res if r.parsed)
+        else:
+            assert res == next(kept)
+    assert degenerate_group_count(groups) == sum(map(degenerate, groups))
+    literal = calibrate(groups)
+    assert [[(r.rank_sum, r.z) for r in g] for g in out] == [[(r.rank_sum, r.z) for r in g] for g in literal]
+
+
+def test_the_reward_api_passes_the_degenerate_groups_setting_through():
+    from dataclasses import asdict
+
+    from fastapi.testclient import TestClient
+
+    from services.reward.app import create_app
+    from services.reward.config import RewardSettings
+
+    def item(m):
+        return {"parsed": True, "metrics": asdict(m)}
+
+    body = {"groups": [{"responses": [item(A), item(B), item(C)]}, {"responses": [item(D)]}]}
+    for mode in ("omega_plus", "exclude"):
+        client = TestClient(create_app(RewardSettings(degenerate_groups=mode, worker=False, api_key=None)))
+        reply = client.post("/v1/calibrate", json=body)  # no lifespan: no models, as /v1/calibrate needs none
+        assert reply.status_code == 200, reply.text
+        weights = [r["weight"] for g in reply.json()["groups"] for r in g["results"]]
+        expected = [r.weight for g in calibrate([[A, B, C], [D]], degenerate_groups=mode) for r in g]
+        assert weights == pytest.approx(expected)
+    assert RewardSettings.model_fields["degenerate_groups"].default == "omega_plus"
+    assert "eq. 8" in RewardSettings.model_fields["degenerate_groups"].description

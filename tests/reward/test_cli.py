@@ -60,7 +60,8 @@ def test_score_file_through_the_api_matches_one_request(reward_service, input_fi
     # calibrated over the whole file although scored one group per request
     one_request = httpx.post(f"{reward_service.url}/v1/score", json={"groups": GROUPS}, headers=reward_service.headers, timeout=120)
     assert_same_results(lines, one_request.json()["groups"])
-    assert lines[0]["results"][1] == {"index": 1, "parsed": False, "metrics": None, "rank_sum": None, "z": None, "weight": -1.0}
+    assert lines[0]["results"][1] == {"index": 1, "parsed": False, "metrics": None, "rank_sum": None, "z": None,
+                                      "weight": -1.0, "finish_reason": None}  # fmt: skip
 
 
 def test_score_file_in_process_matches_the_api(reward_service, input_file, tmp_path, tiny_models):

@@ -24,9 +24,11 @@ def make_groups(run: str, iteration: int, k: int) -> list[RolloutGroup]:
         responses = [
             structured(f"summary {g} {i}", (DOC_SHORT + " ") * (i + 1) + DOC_OTHER * (g % 2)) for i in range(3)
         ] + (["no tags at all"] if g % 2 == 0 else [])
+        finish = ["stop", "length", "stop", "length"][: len(responses)]
         groups.append(
             RolloutGroup(run_id=run, iteration=iteration, group_id=f"{run}:{iteration}:{g}", group_index=g,
-                         query=f"Write report {g} on SOE reform", responses=responses)  # fmt: skip
+                         query=f"Write report {g} on SOE reform", responses=responses, finish_reasons=finish,
+                         adapter_version=f"iter-{iteration:04d}", query_source="generated")  # fmt: skip
         )
     return groups
 
@@ -61,6 +63,9 @@ def check_iteration(client, groups: list[RolloutGroup], run: str, iteration: int
     for s in samples:
         group, text = by_id[s.sample_id]
         assert s.query == group.query and s.response == text and s.group_id == group.group_id
+        # what sampled it and how it ended travel with the sample (the run's samples file shows them)
+        assert s.finish_reason == group.finish_reasons[s.response_index] and s.adapter_version == group.adapter_version
+        assert s.query_source == "generated" and (s.metrics is not None) == s.parsed
         if not s.parsed:
             assert s.weight == -1.0 and s.label == "undesirable" and s.z is None
         else:

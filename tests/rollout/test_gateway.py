@@ -109,3 +109,30 @@ def test_other_model_names_pass_through(client):
     assert reply.model == "base"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="Summary", max_tokens=4)
+
+
+def test_rope_endpoint_reports_the_served_setting_and_runs_are_checked_against_it(rollout_service):
+    """One RoPE setting per run (paper 3.6): the gateway reports what vLLM serves; a run with other values is refused."""
+    import asyncio
+
+    from services.rollout.rope_check import check_run_rope
+    from shared.rope import RopeConfig, RopeMismatch
+    from shared.runs import RunConfig
+
+    assert httpx.get(rollout_service.base_url + "/admin/rope", timeout=10).status_code == 401
+    reply = httpx.get(rollout_service.base_url + "/admin/rope", headers=rollout_service.headers(), timeout=10)
+    body = reply.json()
+    assert reply.status_code == 200 and body["replica"] == rollout_service.replica
+    assert RopeConfig.model_validate(body) == RopeConfig(yarn_factor=4.0, native_window=None, scope="inference")
+
+    url, key = rollout_service.openai_base_url, rollout_service.api_key
+    same = RunConfig(run_id="rope-ok", rope=RopeConfig())
+    assert asyncio.run(check_run_rope(url, key, same)) == RopeConfig()
+    assert asyncio.run(check_run_rope(url, key, RunConfig(run_id="old"))) is None  # recorded before rope: unchecked
+    other = RunConfig(run_id="rope-off", rope=RopeConfig(yarn_factor=1.0))
+    with pytest.raises(RopeMismatch, match="run rope-off asks for yarn_factor=1.0 but the rollout service is set to yarn_factor=4.0"):
+        asyncio.run(check_run_rope(url, key, other))
+    # an endpoint that does not report it (plain vLLM: 404): the worker's own setting stands in, if given
+    assert asyncio.run(check_run_rope(rollout_service.vllm_url, None, other)) is None
+    with pytest.raises(RopeMismatch):
+        asyncio.run(check_run_rope(rollout_service.vllm_url, None, other, fallback=RopeConfig()))

@@ -8,6 +8,7 @@ from shared.parsing import normalize_query
 from services.rollout.queries import (
     SeedQuery,
     accept_queries,
+    drop_heldout,
     fallback_queries,
     group_id,
     group_seed,
@@ -61,3 +62,17 @@ def test_ids_and_seeds_are_deterministic_and_distinct():
     seeds = {group_seed(0, it, i) for it in range(3) for i in range(100)}
     assert len(seeds) == 300 and group_seed(None, 1, 1) is None
     assert group_seed(5, 1, 2) == group_seed(5, 1, 2)
+
+
+def test_drop_heldout_drops_queries_equal_after_case_and_whitespace():
+    heldout = {normalize_query("Write a Report on  Grid Storage")}
+    kept, dropped = drop_heldout(["write a report on grid storage ", "Write a report on solar", "WRITE A REPORT\non grid storage"], heldout)
+    assert kept == ["Write a report on solar"]
+    assert dropped == ["write a report on grid storage ", "WRITE A REPORT\non grid storage"]
+
+
+def test_fallback_never_picks_a_key_already_in_seen():
+    seeds = [SeedQuery(f"seed query {i}") for i in range(6)]
+    seen = {normalize_query("seed query 1"), normalize_query("SEED query 4")}  # e.g. held-out keys
+    picked = fallback_queries(seeds, seen, 10, random.Random(0))
+    assert sorted(picked) == sorted(f"seed query {i}" for i in (0, 2, 3, 5))

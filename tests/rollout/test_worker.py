@@ -4,13 +4,14 @@ import asyncio
 import json
 import time
 
+import httpx
 import pytest
 
 from shared.parsing import normalize_query
 from shared.schemas import STREAM_ROLLOUTS, IterationComplete, RolloutGroup, decode_message
 from shared.streams import IterationManifest
 from services.rollout.config import RolloutSettings
-from services.rollout.worker import load_queries, run_iteration
+from services.rollout.worker import RolloutWorker, load_queries, run_iteration
 
 
 def _settings(rollout_service, run_id, **extra):
@@ -40,10 +41,9 @@ def test_iteration_publishes_well_formed_groups_then_completes(rollout_service, 
     assert result.published == 3 and len(groups) == 3
     assert isinstance(entries[-1], IterationComplete) and entries[-1].count == 3 and entries[-1].stage == "rollout"
     assert sorted(g.group_id for g in groups) == [f"{run_id}:0:{i}" for i in range(3)]
-    version = rollout_service.admin()["current"]["version"]
     seeds = {normalize_query(q.query) for q in load_queries(settings.seed_queries)}
-    for group in groups:
-        assert group.iteration == 0 and len(group.responses) == 2 and group.adapter_version == version
+    for group in groups:  # iteration 0 samples the starting policy, whatever adapter `policy` means now
+        assert group.iteration == 0 and len(group.responses) == 2 and group.adapter_version == "base"
         assert group.query.strip()
         if group.query_source == "generated":
             assert normalize_query(group.query) not in seeds
@@ -60,6 +60,7 @@ def test_iteration_publishes_well_formed_groups_then_completes(rollout_service, 
     asyncio.run(run_iteration(settings, redis_client, 1, k=3, m=2))
     later = [e for e in _entries(redis_client, run_id) if isinstance(e, RolloutGroup) and e.iteration == 1]
     assert len(later) == 3
+    assert {g.adapter_version for g in later} == {rollout_service.admin()["current"]["version"]}
     assert not {normalize_query(g.query) for g in later} & {normalize_query(g.query) for g in groups}
 
 
@@ -73,12 +74,62 @@ def test_junk_generator_falls_back_to_unused_seed_queries(rollout_service, redis
     assert len(fallback) == result.fallback and all(normalize_query(g.query) in seeds for g in fallback)
 
 
-def test_offline_mode_samples_the_fixed_set(rollout_service, redis_client, run_id):
-    settings = _settings(rollout_service, run_id, max_tokens=8)
-    fixed = load_queries(settings.offline_queries)
-    result = asyncio.run(run_iteration(settings, redis_client, 0, m=2, offline=True))
+def test_offline_round_generates_its_queries_and_never_a_heldout_one(rollout_service, redis_client, run_id, tmp_path):
+    seeds = load_queries("data/seed_queries.jsonl")
+    heldout = tmp_path / "heldout.jsonl"  # every seed query but two is held out: the fallback may use only those two
+    heldout.write_text("".join(json.dumps({"query": q.query.upper()}) + "\n" for q in seeds[2:]))
+    settings = _settings(rollout_service, run_id, heldout_queries=heldout, generation_attempts=2, generation_max_tokens=8)
+    result = asyncio.run(run_iteration(settings, redis_client, 0, k=5, m=2, offline=True))
     groups = [e for e in _entries(redis_client, run_id) if isinstance(e, RolloutGroup)]
-    assert result.planned == len(fixed) == len(groups)
-    assert {g.query for g in groups} == {q.query for q in fixed} and {g.query_source for g in groups} == {"fixed"}
-    plan = json.loads(redis_client.get(f"grace:rollout:{run_id}:plan:0"))
-    assert len(plan) == len(fixed)
+    held = {normalize_query(q.query) for q in seeds[2:]}
+    assert not {normalize_query(g.query) for g in groups} & held
+    assert {g.query_source for g in groups} <= {"offline", "seed_fallback"}
+    assert result.offline == sum(g.query_source == "offline" for g in groups)
+    assert result.fallback == sum(g.query_source == "seed_fallback" for g in groups) <= 2
+    assert all(g.adapter_version == "base" for g in groups)  # sampled once, from the starting policy
+
+
+def test_a_response_cut_by_the_token_limit_is_flagged(rollout_service, redis_client, run_id):
+    settings = _settings(rollout_service, run_id, max_tokens=3, generation_attempts=1, generation_max_tokens=8)
+    result = asyncio.run(run_iteration(settings, redis_client, 0, k=2, m=4))
+    groups = [e for e in _entries(redis_client, run_id) if isinstance(e, RolloutGroup)]
+    reasons = [f for g in groups for f in g.finish_reasons]
+    assert all(len(g.finish_reasons) == len(g.responses) == 4 for g in groups)
+    assert set(reasons) <= {"length", "stop"} and "length" in reasons  # 3 tokens cannot hold a tagged document
+    assert result.truncated == reasons.count("length") and result.responses == 8
+    assert result.truncation_rate == reasons.count("length") / 8
+
+
+def test_without_a_cap_the_budget_is_the_window_minus_the_prompt(rollout_service, redis_client, run_id):
+    """max_tokens unset: vLLM gives the request window - prompt tokens, so a 3000-token prompt still fits and
+    the response may run to the end of the 8192-token YaRN window rather than a fixed cap."""
+    assert RolloutSettings.model_fields["max_tokens"].default is None
+    settings = _settings(rollout_service, run_id, max_tokens=None)
+    worker = RolloutWorker(settings, redis_client)
+
+    async def probe() -> tuple:
+        try:
+            raw = await worker.sampler.chat.completions.create(
+                model=settings.served_model_name, messages=[{"role": "user", "content": "a " * 3000}],
+                n=1, max_tokens=settings.max_tokens, temperature=0.0,
+            )
+            return raw.usage.prompt_tokens, raw.usage.completion_tokens, raw.choices[0].finish_reason
+        finally:
+            await worker.aclose()
+
+    prompt, completion, finish = asyncio.run(probe())
+    listing = httpx.get(rollout_service.openai_base_url + "/models", headers=rollout_service.headers(), timeout=60).json()
+    window = listing["data"][0]["max_model_len"]
+    assert window == 8192 and prompt > 2048  # 4 x the tiny model's 2048: past the native window, YaRN serves it
+    assert completion <= window - prompt and (finish == "stop" or completion == window - prompt)
+
+
+def test_a_run_with_other_rope_settings_is_refused_before_sampling(rollout_service, redis_client, run_id):
+    from shared.rope import RopeConfig, RopeMismatch
+    from shared.runs import RunConfig, save_run_config
+
+    save_run_config(redis_client, RunConfig(run_id=run_id, queries_per_iteration=2, responses_per_query=2,
+                                            rope=RopeConfig(yarn_factor=2.0)))  # fmt: skip
+    with pytest.raises(RopeMismatch, match=r"run \S+ asks for yarn_factor=2.0 but the rollout service is set to yarn_factor=4.0"):
+        asyncio.run(run_iteration(_settings(rollout_service, run_id), redis_client, 0))
+    assert _entries(redis_client, run_id) == []  # nothing sampled or published

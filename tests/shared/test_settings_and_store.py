@@ -32,6 +32,18 @@ def test_env_prefix_yaml_and_precedence(tmp_path, monkeypatch):
     assert settings.api_key_value() == "s3cret" and "s3cret" not in repr(settings)
 
 
+def test_general_model_is_a_base_model_and_falling_back_to_the_policy_warns_once(caplog, monkeypatch):
+    for key in ("GRACE_DEMO_GENERAL_MODEL", "GRACE_DEMO_POLICY_MODEL", "GRACE_CONFIG"):
+        monkeypatch.delenv(key, raising=False)
+    assert DemoSettings().general_model_path() is None  # the local set's base model (the policy before SFT)
+    assert DemoSettings(policy_model="/sft", general_model="/base").general_model_path() == "/base"
+    with caplog.at_level("WARNING", logger="shared.settings"):
+        for _ in range(3):
+            assert DemoSettings(policy_model="/sft-warn-once").general_model_path() == "/sft-warn-once"
+    warnings = [r.getMessage() for r in caplog.records if "general_model_is_policy" in r.getMessage()]
+    assert len(warnings) == 1 and "GRACE_DEMO_GENERAL_MODEL" in warnings[0]
+
+
 def test_bad_yaml_names_the_file(tmp_path, monkeypatch):
     config = tmp_path / "bad.yaml"
     config.write_text("- a list\n")

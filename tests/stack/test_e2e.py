@@ -1,6 +1,6 @@
-"""Two semi-online iterations end to end on the tiny stack, every component real:
-a private Redis, vLLM's CPU server behind the gateway, the reward service and
-worker, the trainer worker, the judge, each a separate process over HTTP/Redis."""
+"""Two semi-online iterations, then an offline run, end to end on the tiny stack, every component
+real: a private Redis, vLLM's CPU server behind the gateway, the reward service and worker, the
+trainer worker, the judge, each a separate process over HTTP/Redis."""
 
 from __future__ import annotations
 
@@ -11,10 +11,15 @@ import redis
 
 from services.stack.loop import RunOptions, SemiOnlineRun
 from services.stack.stack import LocalStack, StackConfig
-from shared.runs import RunConfig
+from pathlib import Path
+
+from services.judge.eval import load_queries
+from shared.parsing import normalize_query
+from shared.runs import RunConfig, read_samples_file, samples_file
 from shared.schemas import STREAM_ROLLOUTS, STREAM_SAMPLES, RolloutGroup, WeightedSample, decode_message
 
 RUN_ID = "e2e"
+OFFLINE_ID = "e2e-offline"
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +49,9 @@ def finished_run(tmp_path_factory, tiny_models):
             RunOptions(config=config, run_dir=work / "runs" / RUN_ID, eval_limit=2, eval_max_tokens=64), info
         )
         report = run.run()
+        offline = RunConfig.from_budget(OFFLINE_ID, total_queries=3, k=2, iterations=5, offline=True,
+                                        responses_per_query=3, epochs=2)  # fmt: skip
+        SemiOnlineRun(RunOptions(config=offline, run_dir=work / "runs" / OFFLINE_ID, eval_limit=2, eval_max_tokens=64), info).run()
         client = redis.Redis.from_url(info.redis_url)
         streams = {name: [decode_message(f) for _, f in client.xrange(name)] for name in (STREAM_ROLLOUTS, STREAM_SAMPLES)}
         yield {"work": work, "report": report, "streams": streams, "run": run, "info": info, "redis": client}
@@ -96,3 +104,42 @@ def test_the_run_leaves_the_process_environment_alone(finished_run):
 
     # later tests and services must not inherit the stack's settings file
     assert os.environ.get("GRACE_CONFIG") != finished_run["info"].config_path
+
+
+def _trainer_state(finished_run, run_id: str, iteration: int) -> dict:
+    path = finished_run["work"] / "adapters" / run_id / f"iter-{iteration:04d}" / "trainer_state.json"
+    return json.loads(path.read_text())
+
+
+def test_samples_file_matches_what_the_trainer_trained(finished_run):
+    run_dir = finished_run["work"] / "runs" / RUN_ID
+    for iteration in (0, 1):
+        rows = read_samples_file(samples_file(finished_run["work"] / "runs", RUN_ID, iteration))
+        assert sorted(r["sample_id"] for r in rows) == sorted(_trainer_state(finished_run, RUN_ID, iteration)["sample_ids"])
+        for row in rows:
+            assert row["query"].strip() and row["source"] in ("generated", "seed_fallback")
+            assert row["finish_reason"] in ("stop", "length") and row["adapter_version"] == ("base", "iter-0000")[iteration]
+            assert (row["metrics"] is not None) == row["parsed"] and isinstance(row["weight"], float)
+            assert row["z"] is None or row["rank_sum"] is not None
+    report = (run_dir / "report.md").read_text()
+    assert "Truncation rate" in report and "What each iteration trained on" in report
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    iterations = [r for r in records if r["stage"] == "iteration"]
+    assert [r["trained_samples"] for r in iterations] == [6, 6]
+    assert all(0 <= r["truncation_rate"] <= 1 and r["degenerate_groups"] <= r["groups"] == 2 for r in iterations)
+
+
+def test_offline_run_samples_once_from_the_start_on_generated_queries_never_heldout(finished_run):
+    groups = [p for p in finished_run["streams"][STREAM_ROLLOUTS] if isinstance(p, RolloutGroup) and p.run_id == OFFLINE_ID]
+    assert len(groups) == 3 and {g.iteration for g in groups} == {0}  # one round of all N = 3 queries
+    assert {g.adapter_version for g in groups} == {"base"}  # the starting policy, not the e2e run's last adapter
+    assert {g.query_source for g in groups} <= {"offline", "seed_fallback"}
+    heldout = {normalize_query(row["query"]) for row in load_queries(Path("data/test_queries.jsonl"))}
+    assert not {normalize_query(g.query) for g in groups} & heldout
+    state = _trainer_state(finished_run, OFFLINE_ID, 0)
+    assert state["start"] is None and len(state["sample_ids"]) == 9
+    rows = read_samples_file(samples_file(finished_run["work"] / "runs", OFFLINE_ID, 0))
+    assert sorted(r["sample_id"] for r in rows) == sorted(state["sample_ids"])
+    assert not (finished_run["work"] / "adapters" / OFFLINE_ID / "iter-0001").exists()
+    metrics = (finished_run["work"] / "runs" / OFFLINE_ID / "train_metrics.jsonl").read_text().splitlines()
+    assert len([line for line in metrics if line.strip()]) == 2 * 3  # --epochs 2 of ceil(9 / batch 4) steps

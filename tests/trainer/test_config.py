@@ -21,6 +21,13 @@ def test_paper_defaults(monkeypatch):
     assert (s.beta, s.sft_weight, s.learning_rate, s.min_learning_rate, s.warmup_ratio) == (0.05, 0.1, 5e-6, 1e-6, 0.1)
     assert (s.batch_size, s.epochs, s.lora_rank, s.lora_alpha, s.loss, s.lambda_mode) == (8, 1, 64, 128, "grace_kto", "balanced")
     assert TrainerSettings.model_fields["beta"].description  # self-documenting
+    assert s.lr_schedule == "per_iteration" and "floor" in TrainerSettings.model_fields["lr_schedule"].description
+
+
+def test_run_long_lr_schedule_is_refused_under_deepspeed():
+    with pytest.raises(ValueError, match="not supported under DeepSpeed"):
+        TrainerSettings(lr_schedule="run", deepspeed=DEEPSPEED_DIR / "zero2.json")
+    assert TrainerSettings(lr_schedule="run").lr_schedule == "run"
 
 
 def test_env_overrides(monkeypatch):

@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from services.trainer import losses
-from services.trainer.batching import cosine_lr, micro_batches, mismatched_partners, plan_batches
+from services.trainer.batching import (
+    cosine_lr,
+    iteration_steps,
+    micro_batches,
+    mismatched_partners,
+    plan_batches,
+    run_schedule,
+)
 from services.trainer.model import token_logps
 
 # --------------------------------------------------------------------------- equality with TRL
@@ -251,3 +258,31 @@ def test_cosine_schedule_warmup_peak_floor():
     assert lrs[0] == pytest.approx(peak / 2) and lrs[1] == pytest.approx(peak)
     assert lrs[-1] == pytest.approx(floor)
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_run_long_schedule_offsets_and_totals():
+    from services.trainer.config import TrainerSettings
+    from services.trainer.worker import run_steps_estimate
+    from shared.runs import RunConfig
+
+    assert iteration_steps(32, 8, 1) == 4 and iteration_steps(33, 8, 1) == 5 and iteration_steps(33, 8, 2) == 10
+    assert iteration_steps(0, 8, 3) == 0
+    steps = [4, 4, 2]
+    assert run_schedule(steps, 0) == (0, 6)  # (offset, steps after)
+    assert run_schedule(steps, 1) == (4, 2)
+    assert run_schedule(steps, 2) == (8, 0)
+    assert run_schedule(steps, 1, steps_done=3) == (3, 2)  # the carried optimizer's count wins over the estimate
+    assert run_schedule(steps, 5) == (10, 0)  # past the planned rounds: every planned step came before
+    # K = 8, m = 4, N = 20 queries: rounds of 8, 8, 4 queries -> 32, 32, 16 samples, batch 8
+    config = RunConfig(run_id="r", iterations=3, queries_per_iteration=8, responses_per_query=4, total_queries=20)
+    settings = TrainerSettings(batch_size=8, epochs=2)
+    assert run_steps_estimate(config, settings, "grace_kto") == [8, 8, 4]
+    assert run_steps_estimate(config, settings, "dpo") == [2, 2, 2]  # one pair per query: ceil(8/8), ceil(4/8), x2 epochs
+    # the iterations' pieces, each sized by run_schedule, are one cosine over the run
+    peak, floor = 5e-6, 1e-6
+    whole = [cosine_lr(k, sum(steps), peak, floor, 0.1) for k in range(sum(steps))]
+    pieces = []
+    for i, n in enumerate(steps):
+        offset, later = run_schedule(steps, i)
+        pieces += [cosine_lr(offset + k, offset + n + later, peak, floor, 0.1) for k in range(n)]
+    assert pieces == whole and whole[-1] == pytest.approx(floor)

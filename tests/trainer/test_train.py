@@ -97,7 +97,7 @@ def test_adapter_round_trip_through_files_and_peft(trainer_policy, tmp_path):
     save_adapter(model, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
-    peft_model = PeftModel.from_pretrained(load_base(settings.policy_model, runtime, settings.yarn_factor), tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(load_base(settings.policy_model, runtime, settings.rope()), tmp_path / "adapter")
     assert torch.allclose(sequence_logps(peft_model, seqs, 0, runtime), expected, atol=1e-5)
 
     reset_adapter(model, seed=1)

@@ -28,7 +28,7 @@ def test_trl_kto_trainer_loss_equals_grace_kto_on_tiny_model(trainer_settings, t
     settings = trainer_settings
     runtime = resolve_runtime(settings)
     tokenizer = load_tokenizer(settings.policy_model)
-    base = load_base(settings.policy_model, runtime, settings.yarn_factor)
+    base = load_base(settings.policy_model, runtime, settings.rope())
     rows = []
     for i, (text, label) in enumerate([("alpha beta gamma", True), ("state assets report", False),
                                         ("<summary>x</summary> reform", True), ("capital market outline", False)]):  # fmt: skip

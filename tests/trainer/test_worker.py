@@ -12,6 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 import redis
 
 from services.trainer.state import TrainerState
@@ -111,6 +112,58 @@ def test_worker_trains_publishes_once_chains_and_never_retrains(redis_url, train
     assert versions == ["iter-0000", "iter-0001", "iter-0001"]  # republished once, for the lost event
     restarted.run_once(block_ms=50)
     assert len(_adapter_events(client, run_id)) == 3  # a finished iteration publishes nothing more
+    client.close()
+
+
+def _train_two_iterations(client: redis.Redis, settings, run_config) -> list[dict]:
+    """Publishes and trains iterations 0 and 1 of ``run_config`` (2 groups of 4); returns the step rows."""
+    from shared.runs import save_run_config
+
+    save_run_config(client, run_config)
+    worker = TrainerWorker(settings, client)
+    for iteration in (0, 1):
+        samples = _samples(run_config.run_id, iteration, groups=2)
+        for sample in samples:
+            publish(client, STREAM_SAMPLES, sample)
+        publish(client, STREAM_SAMPLES, IterationComplete(run_id=run_config.run_id, iteration=iteration, stage="reward",
+                                                          count=len(samples)))  # fmt: skip
+        _run_until_done(worker, run_config.run_id, iteration)
+    lines = (settings.run_root / run_config.run_id / "train_metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_lr_schedule_run_continues_the_cosine_and_carries_adamw_per_iteration_restarts(redis_url, trainer_settings):
+    import torch
+
+    from services.trainer.batching import cosine_lr
+    from shared.runs import RunConfig
+
+    client = redis.Redis.from_url(redis_url)
+    s = trainer_settings
+    store = AdapterStore(s.adapter_root)
+    lr = lambda step, total: cosine_lr(step, total, s.learning_rate, s.min_learning_rate, s.warmup_ratio)  # noqa: E731
+
+    # run: 2 rounds x K=2 queries x m=4 responses, batch 2 -> 4 steps a round, one cosine of 8 steps
+    run_id = f"lr-{uuid.uuid4().hex[:8]}"
+    settings = s.model_copy(update={"batch_size": 2, "block_ms": 100, "consumer": f"c-{run_id}", "lr_schedule": "run"})
+    config = RunConfig(run_id=run_id, iterations=2, queries_per_iteration=2, responses_per_query=4)
+    rows = _train_two_iterations(client, settings, config)
+    assert [(r["iteration"], r["step"]) for r in rows] == [(0, k) for k in range(1, 5)] + [(1, k) for k in range(1, 5)]
+    assert [r["lr"] for r in rows] == pytest.approx([lr(k, 8) for k in range(8)], abs=1e-6)  # rows round to 6 decimals
+    assert rows[4]["lr"] < rows[3]["lr"] < s.learning_rate  # round 2 starts down the curve, no new warm-up
+    for version, done in (("iter-0000", 4), ("iter-0001", 8)):
+        saved = torch.load(store.path(run_id, version) / "optimizer.pt", weights_only=True)
+        assert saved["steps_done"] == done
+        assert {float(p["step"]) for p in saved["state"]["state"].values()} == {float(done)}, "AdamW state carried over"
+
+    # per_iteration (default), with RunConfig.epochs = 2: each round restarts its own 8-step cosine, fresh AdamW
+    run_id = f"lp-{uuid.uuid4().hex[:8]}"
+    settings = s.model_copy(update={"batch_size": 2, "block_ms": 100, "consumer": f"c-{run_id}"})
+    assert settings.lr_schedule == "per_iteration"
+    rows = _train_two_iterations(client, settings, config.model_copy(update={"run_id": run_id, "epochs": 2}))
+    assert len(rows) == 16
+    assert [r["lr"] for r in rows] == pytest.approx([lr(k, 8) for k in range(8)] * 2, abs=1e-6)
+    assert not (store.path(run_id, "iter-0000") / "optimizer.pt").exists()
     client.close()
 
 
