@@ -4,8 +4,9 @@
     healthcheck.py URL       healthy when GET URL answers 2xx
     healthcheck.py --redis   healthy when the Redis in $REDIS_URL answers PING
 
-Exit status 0 = healthy, 1 = not. Used by docker-compose.yml; Kubernetes
-probes call the HTTP endpoints directly.
+Exit status 0 = healthy, 1 = not. Used by docker-compose.yml on each service's
+one port (rollout http://127.0.0.1:8000/health, reward :8100/ready, judge
+:8200/health); Kubernetes probes call the HTTP endpoints directly.
 """
 
 from __future__ import annotations

@@ -166,37 +166,3 @@ def prune_idle_groups(client: redis.Redis, stream: str, prefix: str, *, keep: st
             removed.append(name)
             log.info("event=idle_group_removed stream=%s group=%s", stream, name)
     return removed
-
-
-class IterationManifest:
-    """How many items each stage of an iteration holds, and which are done.
-
-    Keys: ``grace:manifest:<run>`` (hash ``<stage>:<iteration>`` -> expected
-    count) and ``grace:done:<run>:<stage>:<iteration>`` (set of item ids).
-    """
-
-    def __init__(self, client: redis.Redis, run_id: str):
-        self.client = client
-        self.run_id = run_id
-        self.key = f"grace:manifest:{run_id}"
-
-    def set_expected(self, stage: str, iteration: int, count: int) -> None:
-        self.client.hset(self.key, f"{stage}:{iteration}", count)
-
-    def expected(self, stage: str, iteration: int) -> int | None:
-        value = self.client.hget(self.key, f"{stage}:{iteration}")
-        return None if value is None else int(value)
-
-    def _done_key(self, stage: str, iteration: int) -> str:
-        return f"grace:done:{self.run_id}:{stage}:{iteration}"
-
-    def mark_done(self, stage: str, iteration: int, item_id: str) -> bool:
-        """True if the item was not marked before."""
-        return bool(self.client.sadd(self._done_key(stage, iteration), item_id))
-
-    def done_count(self, stage: str, iteration: int) -> int:
-        return int(self.client.scard(self._done_key(stage, iteration)))
-
-    def is_complete(self, stage: str, iteration: int) -> bool:
-        expected = self.expected(stage, iteration)
-        return expected is not None and self.done_count(stage, iteration) >= expected

@@ -13,7 +13,7 @@ eval_app = typer.Typer(help="Evaluation: the paper's tables and z-score plots.")
 
 def serve(
     host: str = typer.Option(None, help="bind address (default: GRACE_JUDGE_HOST or 127.0.0.1)"),
-    port: int = typer.Option(None, help="port (default: GRACE_JUDGE_PORT or 8003)"),
+    port: int = typer.Option(None, help="port (default: GRACE_JUDGE_PORT or 8200)"),
 ) -> None:
     """LLM-as-a-judge API (appendix E) over any OpenAI-compatible backend."""
     import uvicorn
@@ -43,7 +43,7 @@ def evaluate(
     limit: int = typer.Option(None, help="first N queries only"),
     out: Path = typer.Option(None, help="output folder (default: <run_root>/<run_id>/eval-<time>)"),
     rollout_url: str = typer.Option("http://127.0.0.1:8000/v1", envvar="GRACE_EVAL_ROLLOUT_URL", help="OpenAI base URL of the rollout service"),
-    reward_url: str = typer.Option("http://127.0.0.1:8002", envvar="GRACE_EVAL_REWARD_URL", help="reward service (POST /v1/score); '' = skip"),
+    reward_url: str = typer.Option("http://127.0.0.1:8100", envvar="GRACE_EVAL_REWARD_URL", help="reward service (POST /v1/score); '' = skip"),
     judge_url: str = typer.Option(None, envvar="GRACE_EVAL_JUDGE_URL", help="judge service; unset = the GRACE_JUDGE_* backend directly"),
     judge: bool = typer.Option(True, help="run the LLM judge (Table 2)"),
     rollout_api_key: str = typer.Option(None, envvar=["GRACE_EVAL_ROLLOUT_API_KEY", "GRACE_API_KEY"], help="bearer key of the rollout service"),

@@ -32,7 +32,7 @@ class JudgeSettings(ServiceSettings):
     model_config = service_config("GRACE_JUDGE_")
 
     host: str = Field("127.0.0.1", description="bind address of `grace serve judge`")
-    port: int = Field(8003, description="port of `grace serve judge`")
+    port: int = Field(8200, description="port of `grace serve judge`")
 
     # Backend. `api_key` here is the *backend's* key (GRACE_JUDGE_API_KEY, e.g. an OpenAI key);
     # the key that protects this service's own HTTP API is `server_api_key`.

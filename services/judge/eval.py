@@ -59,7 +59,7 @@ class EvalOptions:
     limit: int | None = None
     out_dir: Path = Path("runs/default/eval")
     rollout_url: str = "http://127.0.0.1:8000/v1"
-    reward_url: str | None = "http://127.0.0.1:8002"
+    reward_url: str | None = "http://127.0.0.1:8100"
     judge_url: str | None = None  # None = call the judge backend (JudgeSettings) directly
     judge: bool = True
     rollout_api_key: str | None = None  # bearer keys of the project's services

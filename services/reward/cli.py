@@ -9,7 +9,7 @@ import typer
 
 def serve(
     host: str = typer.Option(None, help="bind address (default: settings, 127.0.0.1)"),
-    port: int = typer.Option(None, help="port (default: settings, 8002)"),
+    port: int = typer.Option(None, help="port (default: settings, 8100)"),
     no_worker: bool = typer.Option(False, "--no-worker", help="HTTP API only, no rollouts-stream worker"),
     worker_only: bool = typer.Option(False, "--worker-only", help="the rollouts-stream worker only, no HTTP"),
 ) -> None:

@@ -16,7 +16,7 @@ class RewardSettings(ServiceSettings):
     model_config = service_config("GRACE_REWARD_")
 
     host: str = Field("127.0.0.1", description="HTTP bind address")
-    port: int = Field(8002, description="HTTP port")
+    port: int = Field(8100, description="HTTP port")
     preset: Literal["tiny", "small"] = Field("tiny", description="local model set used when no model path is set")
 
     # compute

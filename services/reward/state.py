@@ -1,13 +1,11 @@
 """Durable per-iteration state of the reward worker in Redis.
 
-Keys, per run and iteration (``<p>`` = ``grace:reward:<run>``):
-
-- ``<p>:expected``        hash iteration -> K, from IterationComplete(stage="rollout");
-- ``<p>:<it>:groups``     hash group_id -> the group and its per-response metrics;
-- ``<p>:<it>:dropped``    hash group_id -> why it was dead-lettered (it counts as done, with no samples);
-- ``<p>:<it>:published``  set of sample ids already on the samples stream
-                          (plus ``iteration_complete`` once the marker is out);
-- ``<p>:<it>:lock``       finalization lock (SET NX PX, token-checked release).
+The iteration's groups, their expected count, the dropped ones and the
+finalization lock live in the shared ``IterationLedger`` (stage ``reward``):
+items = group id -> the group and its per-response metrics. Only what is the
+reward worker's own is here: ``grace:reward:<run>:<it>:published``, the set of
+sample ids already on the samples stream (plus ``iteration_complete`` once the
+marker is out).
 
 Publishing is exactly-once: a Lua script adds the id to the published set
 and XADDs the message in one atomic step, so a retry after a crash, or two
@@ -17,13 +15,12 @@ finalizers racing, can never publish a sample twice.
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
 
 import redis
 
+from shared.ledger import IterationLedger
 from shared.schemas import Metrics, RolloutGroup, StreamPayload, encode_message
-from shared.streams import as_text
 
 MARKER_ID = "iteration_complete"
 
@@ -37,12 +34,6 @@ for i = 1, #ARGV, 3 do
 end
 return added
 """
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 
 @dataclass
 class ScoredGroup:
@@ -66,55 +57,37 @@ class IterationState:
         self.run_id = run_id
         self.iteration = iteration
         self.ttl_s = ttl_s
-        prefix = f"grace:reward:{run_id}"
-        self.expected_key = f"{prefix}:expected"
-        self.groups_key = f"{prefix}:{iteration}:groups"
-        self.dropped_key = f"{prefix}:{iteration}:dropped"
-        self.published_key = f"{prefix}:{iteration}:published"
-        self.lock_key = f"{prefix}:{iteration}:lock"
+        self.ledger = IterationLedger(client, "reward", run_id, iteration)
+        self.published_key = f"grace:reward:{run_id}:{iteration}:published"
         self._publish = client.register_script(_PUBLISH_ONCE)
-        self._release = client.register_script(_RELEASE)
 
     # -- scores
     def scored_ids(self, group_ids: list[str]) -> set[str]:
-        if not group_ids:
-            return set()
-        found = self.client.hmget(self.groups_key, group_ids)
-        return {g for g, v in zip(group_ids, found) if v is not None}
+        return self.ledger.held(group_ids)
 
     def save(self, scored: list[ScoredGroup]) -> None:
-        if scored:
-            self.client.hset(self.groups_key, mapping={s.group.group_id: s.to_json() for s in scored})
-
-    def scored_count(self) -> int:
-        return int(self.client.hlen(self.groups_key))
+        self.ledger.put({s.group.group_id: s.to_json() for s in scored})
 
     def drop(self, group_id: str, reason: str) -> None:
         """A group that will never be scored (dead-lettered): the iteration finalizes without it."""
-        self.client.hset(self.dropped_key, group_id, reason)
+        self.ledger.drop(group_id, reason)
 
     def dropped(self) -> dict[str, str]:
-        return {as_text(k): as_text(v) for k, v in self.client.hgetall(self.dropped_key).items()}
-
-    def done_count(self) -> int:
-        """Groups scored or dropped."""
-        return len({as_text(k) for k in self.client.hkeys(self.groups_key)} | set(self.dropped()))
+        return self.ledger.dropped()
 
     def load_all(self) -> list[ScoredGroup]:
-        groups = [ScoredGroup.from_json(v) for v in self.client.hvals(self.groups_key)]
+        groups = [ScoredGroup.from_json(v) for v in self.ledger.values()]
         return sorted(groups, key=lambda s: (s.group.group_index, s.group.group_id))
 
     # -- expected count
     def set_expected(self, count: int) -> None:
-        self.client.hset(self.expected_key, str(self.iteration), count)
+        self.ledger.set_expected(count)
 
     def expected(self) -> int | None:
-        value = self.client.hget(self.expected_key, str(self.iteration))
-        return None if value is None else int(value)
+        return self.ledger.expected()
 
     def is_complete(self) -> bool:
-        expected = self.expected()
-        return expected is not None and self.done_count() >= expected
+        return self.ledger.is_complete()
 
     def is_finalized(self) -> bool:
         return bool(self.client.sismember(self.published_key, MARKER_ID))
@@ -133,15 +106,12 @@ class IterationState:
 
     def expire(self) -> None:
         """Keeps the finalized iteration's state for ``ttl_s`` (redeliveries still find it), then lets it go."""
-        pipe = self.client.pipeline()
-        for key in (self.groups_key, self.published_key, self.dropped_key):
-            pipe.expire(key, self.ttl_s)
-        pipe.execute()
+        self.ledger.expire(self.ttl_s)
+        self.client.expire(self.published_key, self.ttl_s)
 
     # -- lock
-    def acquire(self, ttl_ms: int) -> str | None:
-        token = uuid.uuid4().hex
-        return token if self.client.set(self.lock_key, token, nx=True, px=ttl_ms) else None
+    def acquire(self, ttl_ms: int) -> redis.lock.Lock | None:
+        return self.ledger.lock(ttl_ms / 1000)
 
-    def release(self, token: str) -> None:
-        self._release(keys=[self.lock_key], args=[token])
+    def release(self, lock: redis.lock.Lock) -> None:
+        self.ledger.release(lock)

@@ -163,8 +163,8 @@ class RewardWorker:
                 return True
             if not state.is_complete():
                 return False
-            token = state.acquire(self.settings.lock_ttl_ms)
-            if token is None:  # another worker is finalizing (or checking): wait for it, or for its lock to expire
+            lock = state.acquire(self.settings.lock_ttl_ms)
+            if lock is None:  # another worker is finalizing (or checking): wait for it, or for its lock to expire
                 time.sleep(0.05)
                 continue
             try:
@@ -173,7 +173,7 @@ class RewardWorker:
                 self._publish(state)
                 return True
             finally:
-                state.release(token)
+                state.release(lock)
 
     def _publish(self, state: IterationState) -> None:
         started = time.perf_counter()

@@ -41,7 +41,7 @@ from shared.parsing import extract_structured, normalize_query, parse_query_list
 from shared.prompts import chat_messages, query_generation_prompt
 from shared.runs import load_run_config
 from shared.schemas import FINISH_TRUNCATED, STREAM_ROLLOUTS, IterationComplete, QuerySource, RolloutGroup, encode_message
-from shared.streams import IterationManifest, as_text
+from shared.streams import as_text
 
 from services.rollout.config import RolloutSettings
 from services.rollout.rope_check import check_run_rope
@@ -274,7 +274,6 @@ class RolloutWorker:
 
         self._heldout_dropped = 0
         planned = await self.plan(iteration, k, offline)
-        IterationManifest(self.redis, self.run_id).set_expected("rollout", iteration, len(planned))
         published_key = self._key("published", iteration)
         done = {as_text(g) for g in self.redis.smembers(published_key)}
         todo = [(i, p) for i, p in enumerate(planned) if group_id(self.run_id, iteration, i) not in done]

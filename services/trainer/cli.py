@@ -7,13 +7,10 @@ from pathlib import Path
 import typer
 
 
-def serve(
-    host: str = typer.Option(None, help="unused: the trainer has no HTTP API (accepted for a uniform `grace serve`)"),
-    port: int = typer.Option(None, help="unused: the trainer has no HTTP API"),
-) -> None:
-    """Trainer worker: weighted samples from Redis -> one epoch per iteration -> LoRA adapters + events."""
-    import logging
+def serve() -> None:
+    """Trainer worker: weighted samples from Redis -> one epoch per iteration -> LoRA adapters + events.
 
+    A Redis consumer with no HTTP API, hence no --host/--port (`grace serve trainer --port 1` is an error)."""
     from services.trainer.config import TrainerSettings
     from services.trainer.train import init_distributed
     from services.trainer.worker import TrainerWorker
@@ -25,8 +22,6 @@ def serve(
 
         torch.set_num_threads(settings.num_threads)
     init_distributed(settings)
-    if host or port:
-        logging.getLogger(__name__).info("event=trainer_no_http host=%s port=%s", host, port)
     TrainerWorker(settings, connect(settings.redis_url)).run()
 
 

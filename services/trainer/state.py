@@ -1,17 +1,15 @@
 """The trainer's durable bookkeeping in Redis.
 
-Keys (``<run>`` = the samples' run id):
+Each iteration's samples, expected count, dropped samples and lock live in
+the shared ``IterationLedger`` (stage ``trainer``): items = sample id ->
+WeightedSample JSON (a redelivered sample overwrites itself: duplicates
+collapse by id); the lock's token is the consumer name, so a dead trainer's
+iteration is taken over after ``lock_ttl_s`` and the same consumer retakes it
+at once after a restart. The trainer's own keys (``<run>`` = the run id):
 
 - ``grace:trainer:runs``: set of run ids seen;
-- ``grace:trainer:<run>:samples:<iteration>``: hash sample_id -> WeightedSample JSON
-  (a redelivered sample overwrites itself: duplicates collapse by id);
-- ``grace:trainer:<run>:dropped:<iteration>``: hash sample_id -> why its entry was dead-lettered
-  (it counts toward the iteration's total, with nothing to train);
-- ``grace:trainer:<run>:expected``: hash iteration -> count from IterationComplete(stage="reward");
 - ``grace:trainer:<run>:done``: hash iteration -> JSON record of the trained adapter;
-- ``grace:trainer:<run>:published``: set of adapter versions whose event was published;
-- ``grace:trainer:<run>:lock:<iteration>``: the consumer training it (expires, so a dead
-  trainer's iteration is taken over; the same consumer name retakes it at once after a restart).
+- ``grace:trainer:<run>:published``: set of adapter versions whose event was published.
 
 A stream entry is acked in the same MULTI/EXEC transaction that stores it,
 so a crash either keeps both or neither.
@@ -24,10 +22,12 @@ from typing import Any
 
 import redis
 
+from shared.ledger import IterationLedger, expected_counts
 from shared.schemas import IterationComplete, WeightedSample
 from shared.streams import as_text
 
 RUNS_KEY = "grace:trainer:runs"
+STAGE = "trainer"
 
 
 class TrainerState:
@@ -38,13 +38,16 @@ class TrainerState:
     def _key(run_id: str, name: str) -> str:
         return f"grace:trainer:{run_id}:{name}"
 
+    def ledger(self, run_id: str, iteration: int) -> IterationLedger:
+        return IterationLedger(self.client, STAGE, run_id, iteration)
+
     # ---- ingestion (store + ack atomically)
 
     def store_sample(self, sample: WeightedSample, ack: tuple[str, str, str] | None = None) -> None:
         """Stores one sample; ``ack`` = (stream, group, entry id) acked in the same transaction."""
         pipe = self.client.pipeline(transaction=True)
         pipe.sadd(RUNS_KEY, sample.run_id)
-        pipe.hset(self._key(sample.run_id, f"samples:{sample.iteration}"), sample.sample_id, sample.model_dump_json())
+        self.ledger(sample.run_id, sample.iteration).put({sample.sample_id: sample.model_dump_json()}, pipe)
         if ack:
             pipe.xack(*ack)
         pipe.execute()
@@ -52,7 +55,7 @@ class TrainerState:
     def store_complete(self, marker: IterationComplete, ack: tuple[str, str, str] | None = None) -> None:
         pipe = self.client.pipeline(transaction=True)
         pipe.sadd(RUNS_KEY, marker.run_id)
-        pipe.hset(self._key(marker.run_id, "expected"), str(marker.iteration), marker.count)
+        self.ledger(marker.run_id, marker.iteration).set_expected(marker.count, pipe)
         if ack:
             pipe.xack(*ack)
         pipe.execute()
@@ -61,7 +64,7 @@ class TrainerState:
         """Records a sample whose stream entry is being dead-lettered, so its iteration does not wait for it."""
         pipe = self.client.pipeline(transaction=True)
         pipe.sadd(RUNS_KEY, run_id)
-        pipe.hset(self._key(run_id, f"dropped:{iteration}"), sample_id, reason)
+        self.ledger(run_id, iteration).drop(sample_id, reason, pipe)
         pipe.execute()
 
     # ---- reads
@@ -70,24 +73,14 @@ class TrainerState:
         return sorted(as_text(r) for r in self.client.smembers(RUNS_KEY))
 
     def expected(self, run_id: str) -> dict[int, int]:
-        return {int(k): int(v) for k, v in self.client.hgetall(self._key(run_id, "expected")).items()}
-
-    def sample_count(self, run_id: str, iteration: int) -> int:
-        return int(self.client.hlen(self._key(run_id, f"samples:{iteration}")))
+        return expected_counts(self.client, STAGE, run_id)
 
     def dropped(self, run_id: str, iteration: int) -> dict[str, str]:
-        raw = self.client.hgetall(self._key(run_id, f"dropped:{iteration}"))
-        return {as_text(k): as_text(v) for k, v in raw.items()}
-
-    def accounted(self, run_id: str, iteration: int) -> int:
-        """Distinct sample ids of the iteration that arrived: stored or dropped."""
-        stored = {as_text(k) for k in self.client.hkeys(self._key(run_id, f"samples:{iteration}"))}
-        return len(stored | set(self.dropped(run_id, iteration)))
+        return self.ledger(run_id, iteration).dropped()
 
     def samples(self, run_id: str, iteration: int) -> list[WeightedSample]:
         """The iteration's samples, sorted by sample id (a fixed order for a seeded epoch)."""
-        raw = self.client.hgetall(self._key(run_id, f"samples:{iteration}"))
-        samples = [WeightedSample.model_validate_json(v) for v in raw.values()]
+        samples = [WeightedSample.model_validate_json(v) for v in self.ledger(run_id, iteration).values()]
         return sorted(samples, key=lambda s: s.sample_id)
 
     def done(self, run_id: str) -> dict[int, dict[str, Any]]:
@@ -97,27 +90,20 @@ class TrainerState:
         """(iteration, expected, arrived) of the run's first untrained iteration with a known count, or None;
         ``arrived`` counts dropped samples too."""
         done = self.done(run_id)
-        pending = sorted(i for i in self.expected(run_id) if i not in done)
+        expected = self.expected(run_id)
+        pending = sorted(i for i in expected if i not in done)
         if not pending:
             return None
         iteration = pending[0]
-        return iteration, self.expected(run_id)[iteration], self.accounted(run_id, iteration)
+        return iteration, expected[iteration], self.ledger(run_id, iteration).arrived()
 
     # ---- one trainer per iteration
 
-    def acquire(self, run_id: str, iteration: int, owner: str, ttl_s: int) -> bool:
-        key = self._key(run_id, f"lock:{iteration}")
-        if self.client.set(key, owner, nx=True, ex=ttl_s):
-            return True
-        if as_text(self.client.get(key) or b"") == owner:
-            self.client.expire(key, ttl_s)
-            return True
-        return False
+    def acquire(self, run_id: str, iteration: int, owner: str, ttl_s: int) -> redis.lock.Lock | None:
+        return self.ledger(run_id, iteration).lock(ttl_s, owner=owner)
 
-    def release(self, run_id: str, iteration: int, owner: str) -> None:
-        key = self._key(run_id, f"lock:{iteration}")
-        if as_text(self.client.get(key) or b"") == owner:
-            self.client.delete(key)
+    def release(self, lock: redis.lock.Lock) -> None:
+        IterationLedger.release(lock)
 
     # ---- completion
 

@@ -36,7 +36,7 @@ from shared.runs import RunConfig, load_run_config, samples_file, write_samples_
 from shared.schemas import (
     STREAM_ADAPTERS, STREAM_SAMPLES, AdapterEvent, IterationComplete, WeightedSample, decode_message, entry_identity,
 )  # fmt: skip
-from shared.streams import IterationManifest, StreamConsumer, StreamEntry, publish
+from shared.streams import StreamConsumer, StreamEntry, publish
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +187,6 @@ class TrainerWorker:
         write_samples_file(samples_file(self.settings.run_root, run_id, iteration), samples)
         record = {"version": version, "path": str(path), "checksum": checksum, "samples": len(samples),
                   "dropped": len(dropped), "loss": loss, **summary}  # fmt: skip
-        manifest = IterationManifest(self.client, run_id)
-        manifest.set_expected("train", iteration, len(samples))
-        for sample in samples:
-            manifest.mark_done("train", iteration, sample.sample_id)
         self.state.mark_done(run_id, iteration, record)
         self.trained += 1
         log.info("event=iteration_done run=%s iteration=%d version=%s samples=%d", run_id, iteration, version, len(samples))
@@ -287,7 +283,8 @@ class TrainerWorker:
         self.ingest(block_ms=block_ms)
         trained = 0
         for run_id, iteration in self.ready():
-            if not self.state.acquire(run_id, iteration, self.settings.consumer, self.settings.lock_ttl_s):
+            lock = self.state.acquire(run_id, iteration, self.settings.consumer, self.settings.lock_ttl_s)
+            if lock is None:
                 log.info("event=iteration_held_elsewhere run=%s iteration=%d", run_id, iteration)
                 continue
             try:
@@ -296,7 +293,7 @@ class TrainerWorker:
                 self._refuse(run_id, exc)
                 continue
             finally:
-                self.state.release(run_id, iteration, self.settings.consumer)
+                self.state.release(lock)
             trained += 1
         return trained
 

@@ -656,3 +656,73 @@ def test_healthcheck_redis_with_password(redis_with_password):
     missing = run_healthcheck("--redis", env={"REDIS_URL": f"redis://127.0.0.1:{port}/0"})
     assert missing.returncode == 1
 
+
+
+# ----------------------------------------------------------------------------- one port per service, everywhere
+
+DOCKERFILES = {"rollout": ROOT / "docker" / "gpu.Dockerfile", "reward": ROOT / "docker" / "cpu.Dockerfile",
+               "judge": ROOT / "docker" / "cpu.Dockerfile"}  # fmt: skip
+OTHER_PORTS = {6379, 9000}  # Redis; the README's separate vLLM judge server (not a project service)
+_HOSTED_PORT = re.compile(r"(?:localhost|127\.0\.0\.1|0\.0\.0\.0|\brollout|\breward|\bjudge):(\d{2,5})\b")
+_SERVE_PORT = re.compile(r"grace serve (rollout|reward|judge)\b[^\n`]*?--port (\d+)")
+_URL_OPTION = re.compile(r"--(rollout|reward|judge)-url \S*?:(\d+)")
+
+
+def _url_port(url: str) -> int:
+    return int(re.match(r"https?://[^/:]+:(\d+)", url).group(1))
+
+
+def _option_default(function, name: str):
+    import inspect
+
+    return inspect.signature(function).parameters[name].default.default
+
+
+def test_one_port_per_service_everywhere():
+    """rollout 8000, reward 8100, judge 8200: the settings defaults (so a bare `grace serve X` listens there),
+    the clients' default URLs, compose, k8s, the Dockerfiles, the README and docs/deploy.md."""
+    from services.judge import cli as judge_cli
+    from services.judge.eval import EvalOptions
+
+    services = compose()["services"]
+    config = k8s_get("ConfigMap", "grace-config")["data"]
+    for name, port in HTTP_PORTS.items():
+        assert settings_class(name).model_fields["port"].default == port, f"{name}: settings default"
+        # compose: the command, the published container port, the healthcheck URL
+        assert arg_after(services[name]["command"], "--port") == str(port), f"{name}: compose command"
+        assert all(p.endswith(f":{port}") for p in services[name]["ports"]), f"{name}: compose ports"
+        assert _url_port(services[name]["healthcheck"]["test"][-1]) == port, f"{name}: compose healthcheck"
+        # k8s: the container, its Service, the NetworkPolicy admitting it
+        c = container(name)
+        assert arg_after(c["args"], "--port") == str(port) and [p["containerPort"] for p in c["ports"]] == [port], name
+        assert [p["port"] for p in k8s_get("Service", name)["spec"]["ports"]] == [port], f"{name}: k8s Service"
+        policy_ports = {
+            p["port"] for o in k8s_objects() if o["kind"] == "NetworkPolicy" and o["spec"]["podSelector"]
+            if selector_matches(o["spec"]["podSelector"], pod_labels(next(w for w in workloads() if w["metadata"]["name"] == name)))
+            for rule in o["spec"].get("ingress", []) for p in rule.get("ports", [])
+        }  # fmt: skip
+        assert policy_ports == {port}, f"{name}: NetworkPolicy ports {policy_ports}"
+        # the image's EXPOSE
+        exposed = {int(p) for line in DOCKERFILES[name].read_text().splitlines() if line.startswith("EXPOSE") for p in line.split()[1:]}
+        assert port in exposed, f"{name}: not exposed by {DOCKERFILES[name].name}"
+    for dockerfile in set(DOCKERFILES.values()):
+        cmd = json.loads(next(l for l in dockerfile.read_text().splitlines() if l.startswith("CMD "))[4:])
+        assert arg_after(cmd, "--port") == str(HTTP_PORTS[cmd[2]]), f"{dockerfile.name}: CMD"
+    # clients' defaults: the judge's backend is the rollout; eval talks to rollout, reward and judge
+    assert _url_port(settings_class("judge").model_fields["base_url"].default) == HTTP_PORTS["rollout"]
+    assert _url_port(config["GRACE_JUDGE_BASE_URL"]) == HTTP_PORTS["rollout"]
+    assert _url_port(compose_env(services["judge"])["GRACE_JUDGE_BASE_URL"]) == HTTP_PORTS["rollout"]
+    assert _url_port(EvalOptions.__dataclass_fields__["rollout_url"].default) == HTTP_PORTS["rollout"]
+    assert _url_port(EvalOptions.__dataclass_fields__["reward_url"].default) == HTTP_PORTS["reward"]
+    assert _url_port(_option_default(judge_cli.evaluate, "rollout_url")) == HTTP_PORTS["rollout"]
+    assert _url_port(_option_default(judge_cli.evaluate, "reward_url")) == HTTP_PORTS["reward"]
+    # the documents: `grace serve X --port N`, `--X-url ...:N`, and no port that is not a service's
+    docs = {"README.md": (ROOT / "README.md").read_text(), "docs/deploy.md": (ROOT / "docs" / "deploy.md").read_text()}
+    for doc, text in docs.items():
+        for name, port in [*_SERVE_PORT.findall(text), *_URL_OPTION.findall(text)]:
+            assert int(port) == HTTP_PORTS[name], f"{doc}: {name} on {port}"
+        stray = {int(p) for p in _HOSTED_PORT.findall(text)} - set(HTTP_PORTS.values()) - OTHER_PORTS
+        assert not stray, f"{doc}: ports {stray} belong to no service"
+    table = {row[1].strip(): row[3].strip() for row in (line.split("|") for line in docs["docs/deploy.md"].splitlines())
+             if len(row) > 4 and row[1].strip() in HTTP_PORTS}  # fmt: skip
+    assert table == {name: str(port) for name, port in HTTP_PORTS.items()}, "docs/deploy.md service table"

@@ -202,10 +202,10 @@ def test_worker_killed_mid_iteration_and_restarted_publishes_each_sample_once(re
     # first: the worker thread inside the HTTP service (the default); then: a worker-only process
     first = worker("doomed", ["--host", "127.0.0.1", "--port", str(free_port())])
     try:
-        wait_for(lambda: state.scored_count() >= 2, 180, "the first worker to score some groups")
+        wait_for(lambda: state.ledger.arrived() >= 2, 180, "the first worker to score some groups")
     finally:
         first.kill()
-    assert state.scored_count() < 6 and not published(redis_client)[1]  # killed mid-iteration
+    assert state.ledger.arrived() < 6 and not published(redis_client)[1]  # killed mid-iteration
     publish(redis_client, STREAM_ROLLOUTS, groups[5])
     publish(redis_client, STREAM_ROLLOUTS, IterationComplete(run_id="r4", iteration=2, stage="rollout", count=6))
     second = worker("survivor", ["--worker-only"])  # another name: it must reclaim what the dead one left pending

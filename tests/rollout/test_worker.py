@@ -9,7 +9,6 @@ import pytest
 
 from shared.parsing import normalize_query
 from shared.schemas import STREAM_ROLLOUTS, IterationComplete, RolloutGroup, decode_message
-from shared.streams import IterationManifest
 from services.rollout.config import RolloutSettings
 from services.rollout.worker import RolloutWorker, load_queries, run_iteration
 
@@ -49,7 +48,6 @@ def test_iteration_publishes_well_formed_groups_then_completes(rollout_service, 
             assert normalize_query(group.query) not in seeds
     assert len({normalize_query(g.query) for g in groups}) == 3
     assert result.generated > 0  # the JSON-list constraint makes even the tiny model produce parseable lists
-    assert IterationManifest(redis_client, run_id).expected("rollout", 0) == 3
 
     # a restart of the same iteration publishes nothing again
     again = asyncio.run(run_iteration(settings, redis_client, 0, k=3, m=2))

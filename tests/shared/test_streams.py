@@ -12,7 +12,7 @@ import json
 import pytest
 
 from shared.schemas import STREAM_ROLLOUTS, IterationComplete, RolloutGroup, WeightedSample, entry_identity
-from shared.streams import IterationManifest, StreamConsumer, prune_idle_groups, publish
+from shared.streams import StreamConsumer, prune_idle_groups, publish
 
 
 def _group(i: int) -> RolloutGroup:
@@ -139,18 +139,6 @@ def test_undecodable_entry_is_reported_not_raised(redis_client):
     for entry in entries:
         consumer.dead_letter(entry, entry.error)
     assert redis_client.xlen(f"{STREAM_ROLLOUTS}:dead") == 2
-
-
-def test_iteration_manifest(redis_client):
-    manifest = IterationManifest(redis_client, "run-a")
-    assert manifest.expected("rollout", 0) is None and not manifest.is_complete("rollout", 0)
-    manifest.set_expected("rollout", 0, 2)
-    assert manifest.mark_done("rollout", 0, "g0") is True
-    assert manifest.mark_done("rollout", 0, "g0") is False  # idempotent
-    assert not manifest.is_complete("rollout", 0)
-    manifest.mark_done("rollout", 0, "g1")
-    assert manifest.is_complete("rollout", 0) and manifest.done_count("rollout", 0) == 2
-    publish(redis_client, STREAM_ROLLOUTS, IterationComplete(run_id="run-a", iteration=0, stage="rollout", count=2))
 
 
 @pytest.mark.parametrize(

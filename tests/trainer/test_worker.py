@@ -20,7 +20,8 @@ from services.trainer.worker import TrainerWorker, adapter_version
 from shared.adapters import AdapterStore, adapter_checksum
 from shared.process import ServiceProcess
 from shared.schemas import STREAM_ADAPTERS, STREAM_SAMPLES, AdapterEvent, IterationComplete, WeightedSample, decode_message
-from shared.streams import IterationManifest, publish
+from shared.runs import read_samples_file, samples_file
+from shared.streams import publish
 from tests.fixtures.trainer import trainer_env
 
 WORDS = "reform governance capital strategy supervision enterprise market budget report policy".split()
@@ -88,8 +89,7 @@ def test_worker_trains_publishes_once_chains_and_never_retrains(redis_url, train
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in loaded.named_parameters()), "trained, non-zero LoRA B"
     rows = [json.loads(line) for line in (settings.run_root / run_id / "train_metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and {"loss", "z_ref", "lr", "reward_margin", "weight_abs_mean"} <= set(rows[0])
-    manifest = IterationManifest(client, run_id)
-    assert manifest.is_complete("train", 0) and manifest.done_count("train", 0) == len(samples)
+    assert TrainerState(client).done(run_id)[0]["samples"] == len(samples)
 
     # the next iteration continues from the previous adapter
     publish_all = _samples(run_id, 1, groups=1)
@@ -211,7 +211,7 @@ def test_kill_9_mid_iteration_then_restart_trains_exactly_the_published_samples(
     trainer = start("trainer-1")
     for sample in samples[:half] + samples[:1]:
         publish(client, STREAM_SAMPLES, sample)
-    _wait(lambda: state.sample_count(run_id, 0) == half, 240, "half the samples stored", trainer)
+    _wait(lambda: len(state.samples(run_id, 0)) == half, 240, "half the samples stored", trainer)
     trainer.kill()
 
     # 2. the rest arrives while it is down; restarted, then killed again mid-training
@@ -236,8 +236,7 @@ def test_kill_9_mid_iteration_then_restart_trains_exactly_the_published_samples(
     published = sorted(s.sample_id for s in samples)
     trained = json.loads((store.path(run_id, "iter-0000") / "trainer_state.json").read_text())["sample_ids"]
     assert trained == published
-    done_ids = sorted(m.decode() for m in client.smembers(f"grace:done:{run_id}:train:0"))
-    assert done_ids == published
+    assert sorted(r["sample_id"] for r in read_samples_file(samples_file(runs, run_id, 0))) == published
     (event,) = _adapter_events(client, run_id)
     assert event.checksum == adapter_checksum(store.path(run_id, "iter-0000"))
     attempts = {json.loads(line)["attempt"] for line in metrics.read_text().splitlines()}
