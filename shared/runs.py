@@ -17,9 +17,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-import json
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import redis
 from pydantic import BaseModel, Field
 
 from shared.rope import RopeConfig
+from shared.jsonl import read_jsonl, write_jsonl
 from shared.schemas import WeightedSample
 
 LOSSES = ("grace_kto", "kto", "dpo", "orpo", "sft")
@@ -104,14 +103,8 @@ def sample_row(sample: WeightedSample) -> dict:
 
 def write_samples_file(path: Path, samples: Iterable[WeightedSample]) -> Path:
     """Writes the file whole (temp name, then rename), ordered by query and response index."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = sorted((sample_row(s) for s in samples), key=lambda r: (_natural(r["query_id"]), r["response_index"]))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_jsonl(path, rows)
 
 
 def _natural(text: str) -> tuple:
@@ -120,4 +113,4 @@ def _natural(text: str) -> tuple:
 
 
 def read_samples_file(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(path)

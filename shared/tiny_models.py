@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared import prompts
+from shared.jsonl import read_jsonl
 from shared.settings import grace_home
 
 if TYPE_CHECKING:
@@ -136,14 +137,6 @@ def data_files(data_dir: Path = DATA_DIR) -> list[Path]:
     return sorted(p for p in data_dir.iterdir() if p.is_file() and p.suffix in (".jsonl", ".txt"))
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
-    return rows
-
-
 def _paragraphs(path: Path) -> list[str]:
     """A corpus file as documents: one paragraph per line."""
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -158,7 +151,7 @@ def tokenizer_texts(data_dir: Path = DATA_DIR) -> list[str]:
     texts = _prompt_texts()
     for path in data_files(data_dir):
         if path.suffix == ".jsonl":
-            texts += [row[key] for row in _jsonl(path) for key in ("query", "response") if isinstance(row.get(key), str)]
+            texts += [row[key] for row in read_jsonl(path) for key in ("query", "response") if isinstance(row.get(key), str)]
         else:
             texts += _paragraphs(path)
     return texts
@@ -171,7 +164,7 @@ def general_texts(data_dir: Path = DATA_DIR) -> list[str]:
     if (data_dir / "general_corpus.txt").exists():
         texts += _paragraphs(data_dir / "general_corpus.txt")
     if (data_dir / "sft.jsonl").exists():
-        for row in _jsonl(data_dir / "sft.jsonl"):
+        for row in read_jsonl(data_dir / "sft.jsonl"):
             messages = prompts.chat_messages(row["query"]) + [{"role": "assistant", "content": row["response"]}]
             texts.append(_render_chat(messages))
     return texts or _prompt_texts()
@@ -182,7 +175,7 @@ def domain_texts(data_dir: Path = DATA_DIR) -> list[str]:
     if (data_dir / "domain_corpus.txt").exists():
         return _paragraphs(data_dir / "domain_corpus.txt")
     if (data_dir / "seed_queries.jsonl").exists():
-        return [row["query"] for row in _jsonl(data_dir / "seed_queries.jsonl")]
+        return [row["query"] for row in read_jsonl(data_dir / "seed_queries.jsonl")]
     return _prompt_texts()
 
 

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.jsonl import read_jsonl
+
 log = logging.getLogger(__name__)
 
 METHODS = {"extrapolation": "Extrapolation", "dynamic": "Dynamic NTK", "yarn": "YaRN"}
@@ -54,10 +56,7 @@ def text_sources(data_dir: Path = DATA_DIR) -> list[str]:
     texts: list[str] = []
     sft = data_dir / "sft.jsonl"
     if sft.exists():
-        for line in sft.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                texts.append(f"{row.get('query', '')}\n{row.get('response', '')}".strip())
+        texts += [f"{row.get('query', '')}\n{row.get('response', '')}".strip() for row in read_jsonl(sft)]
     for name in ("domain_corpus.txt", "general_corpus.txt"):
         path = data_dir / name
         if path.exists():
@@ -168,7 +167,7 @@ def run_context(opts: ContextOptions) -> list[dict]:
     from transformers.utils import logging as hf_logging
 
     from services.judge import report
-    from services.judge.eval import load_queries
+    from shared.jsonl import read_queries
     from shared.tiny_models import native_window, yarn_rope_parameters
 
     hf_logging.disable_progress_bar()
@@ -176,7 +175,7 @@ def run_context(opts: ContextOptions) -> list[dict]:
     theta = yarn_rope_parameters(opts.model)["rope_theta"]
     tokenizer = AutoTokenizer.from_pretrained(opts.model)
     token_docs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in text_sources(opts.data_dir)]
-    prompts = [q["query"] for q in load_queries(opts.queries, opts.prompts)]
+    prompts = [q["query"] for q in read_queries(opts.queries, opts.prompts)]
     results: list[dict] = []
     shared_1x: dict | None = None
     for factor in opts.factors:

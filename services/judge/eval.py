@@ -26,6 +26,7 @@ import httpx
 
 from services.judge import report
 from services.judge.client import retry_after_seconds
+from shared.jsonl import read_queries
 from shared.parsing import extract_structured
 from shared.prompts import chat_messages
 
@@ -77,19 +78,6 @@ class EvalOptions:
     reward_groups_per_request: int = 4
     judge_items_per_request: int = 16
     request_timeout_s: float = 3600.0
-
-
-def load_queries(path: Path, limit: int | None = None) -> list[dict]:
-    rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if not isinstance(row, dict) or not isinstance(row.get("query"), str) or not row["query"].strip():
-            raise ValueError(f"{path}:{number}: each line needs a non-empty 'query'")
-        row.setdefault("id", f"q{number}")
-        rows.append(row)
-    return rows[:limit] if limit else rows
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -299,7 +287,7 @@ def run_eval(opts: EvalOptions, progress: bool = True) -> dict:
     labels = [p.label for p in opts.policies]
     if len(set(labels)) != len(labels):
         raise ValueError(f"policy labels must differ: {labels}")
-    queries = load_queries(opts.queries, opts.limit)
+    queries = read_queries(opts.queries, opts.limit)
     if not queries:
         raise ValueError(f"no queries in {opts.queries}")
     from rich.progress import Progress

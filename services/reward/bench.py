@@ -40,6 +40,7 @@ import torch
 
 from services.reward import metrics as M
 from services.reward.calibration import calibrate
+from shared.jsonl import read_queries
 from shared.parsing import extract_structured
 from shared.schemas import Metrics
 
@@ -66,7 +67,7 @@ def _queries(n: int) -> list[str]:
     for name in ("test_queries.jsonl", "seed_queries.jsonl"):
         path = DATA / name
         if path.exists():
-            rows += [json.loads(line)["query"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            rows += [row["query"] for row in read_queries(path)]
     if not rows:
         rows = ["Write a report on deepening state-owned enterprise reform."]
     return [rows[i % len(rows)] for i in range(n)]

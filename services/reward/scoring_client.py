@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,15 +9,13 @@ from pathlib import Path
 import httpx
 
 from services.reward.scorer import score_response
+from shared.jsonl import read_jsonl
 from shared.schemas import Metrics, ScoreGroup, ScoreResponse
 
 
 def load_groups(path: Path) -> list[ScoreGroup]:
     groups = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for n, row in enumerate(read_jsonl(path), 1):
         try:
             groups.append(ScoreGroup(query=row["query"], responses=row["responses"]))
         except (KeyError, ValueError) as exc:

@@ -98,10 +98,10 @@ class Workload:
 
 def make_workload(config: BenchConfig) -> Workload:
     from shared.prompts import chat_messages
-    from services.rollout.worker import load_queries
+    from shared.jsonl import read_queries
 
-    queries = load_queries(Path(__file__).resolve().parents[2] / "data" / "test_queries.jsonl")
-    picked = [queries[i % len(queries)].query for i in range(config.queries)]
+    queries = read_queries(Path(__file__).resolve().parents[2] / "data" / "test_queries.jsonl")
+    picked = [queries[i % len(queries)]["query"] for i in range(config.queries)]
     k = max(config.queries - 1, 1)
     lengths = [round(config.min_tokens + (config.max_tokens - config.min_tokens) * i / k) for i in range(config.queries)]
     return Workload([chat_messages(q) for q in picked], lengths, config.responses)

@@ -37,6 +37,7 @@ import httpx
 import openai
 import redis
 
+from shared.jsonl import read_queries
 from shared.parsing import extract_structured, normalize_query, parse_query_list
 from shared.prompts import chat_messages, query_generation_prompt
 from shared.runs import load_run_config
@@ -93,12 +94,7 @@ def query_list_regex(settings: RolloutSettings) -> str:
 
 def load_queries(path: str | Path) -> list[SeedQuery]:
     """A JSONL query file ({"query", "lang", "id", ...} per line)."""
-    out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            out.append(SeedQuery(query=row["query"], lang=row.get("lang", "en"), id=row.get("id")))
-    return out
+    return [SeedQuery(query=row["query"], lang=row["lang"], id=row["id"]) for row in read_queries(path)]
 
 
 class RolloutWorker:

@@ -87,5 +87,7 @@ def demo(
                          responses=responses, loss=loss))  # fmt: skip
 
 
-COMMANDS = {"run": run, "demo": demo}
+from services.stack.plan_cli import plan  # its heavy imports stay inside the function
+
+COMMANDS = {"run": run, "demo": demo, "plan": plan}
 GROUPS = {"stack": stack_app}

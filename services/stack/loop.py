@@ -28,6 +28,7 @@ from rich.table import Table
 
 from services.stack.progress import wait_for_adapter, wait_for_samples
 from services.stack.stack import StackInfo
+from shared.jsonl import read_jsonl
 from shared.local_redis import connect
 from shared.runs import RunConfig, load_run_config, read_samples_file, samples_file, save_run_config
 from shared.schemas import FINISH_TRUNCATED
@@ -272,7 +273,7 @@ def plot_training_curves(metrics_path: Path, out: Path) -> Path | None:
     """Loss, z_ref and learning rate per step from the trainer's JSONL (None if there is none yet)."""
     if not metrics_path.exists():
         return None
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(metrics_path)
     keys = [k for k in ("loss", "z_ref", "reward_margin", "lr") if any(k in r for r in rows)]
     if not rows or not keys:
         return None

@@ -65,12 +65,13 @@ class BenchOptions:
 
 def make_samples(tokenizer: Any, opts: BenchOptions) -> list[dict[str, Any]]:
     """Groups of 8 tagged responses with answers of varied token length, cut from the project's corpora."""
+    from shared.jsonl import read_queries
     from shared.tiny_models import DATA_DIR
 
     rng = random.Random(opts.seed)
     corpus = "\n".join(p.read_text(encoding="utf-8") for p in sorted(DATA_DIR.glob("*corpus*.txt"))) or "report " * 5000
     ids = tokenizer(corpus, add_special_tokens=False)["input_ids"]
-    queries = [json.loads(line)["query"] for line in (DATA_DIR / "seed_queries.jsonl").read_text().splitlines() if line.strip()]
+    queries = [row["query"] for row in read_queries(DATA_DIR / "seed_queries.jsonl")]
 
     def text(n: int) -> str:
         start = rng.randrange(0, max(len(ids) - n, 1))

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from shared.jsonl import read_jsonl, read_queries
 from shared.rope import RopeConfig, check_rope
 from shared.tiny_models import STRUCTURE_TAGS
 
@@ -81,11 +82,7 @@ class SftOptions:
 
 
 def load_examples(path: Path) -> list[tuple[str, str]]:
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows.append((row["query"], row["response"]))
+    rows = [(row["query"], row["response"]) for row in read_jsonl(path)]
     if not rows:
         raise ValueError(f"{path}: no examples")
     return rows
@@ -277,10 +274,8 @@ class QueryGenerationExamples:
 
 def probe_queries(path: Path, limit: int) -> list[str]:
     """``limit`` queries spread evenly over a query file (the rollout's format; the SFT probe set)."""
-    from services.rollout.worker import load_queries
-
-    rows = load_queries(path)
-    queries = [row.query for row in rows][:: max(1, len(rows) // max(limit, 1))][:limit]
+    rows = read_queries(path)
+    queries = [row["query"] for row in rows][:: max(1, len(rows) // max(limit, 1))][:limit]
     if not queries:
         raise ValueError(f"{path}: no queries to probe the tag rate with")
     return queries

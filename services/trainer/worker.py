@@ -196,7 +196,6 @@ class TrainerWorker:
         self, run_id: str, iteration: int, version: str, samples: list[WeightedSample], loss: str
     ) -> tuple[Path, str, dict[str, Any]]:
         from services.trainer.model import adapter_state_dict, load_adapter_weights, reset_adapter, save_adapter
-        from services.trainer.train import Trainer
 
         model, tokenizer, runtime = self.policy()
         start = latest_adapter(self.store, run_id, iteration)

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from shared.schemas import STREAM_ROLLOUTS, IterationComplete, RolloutGroup, WeightedSample, entry_identity
+from shared.schemas import STREAM_ROLLOUTS, RolloutGroup, WeightedSample, entry_identity
 from shared.streams import StreamConsumer, prune_idle_groups, publish
 
 

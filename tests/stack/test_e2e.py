@@ -13,7 +13,7 @@ from services.stack.loop import RunOptions, SemiOnlineRun
 from services.stack.stack import LocalStack, StackConfig
 from pathlib import Path
 
-from services.judge.eval import load_queries
+from shared.jsonl import read_queries
 from shared.parsing import normalize_query
 from shared.runs import RunConfig, read_samples_file, samples_file
 from shared.schemas import STREAM_ROLLOUTS, STREAM_SAMPLES, RolloutGroup, WeightedSample, decode_message
@@ -134,7 +134,7 @@ def test_offline_run_samples_once_from_the_start_on_generated_queries_never_held
     assert len(groups) == 3 and {g.iteration for g in groups} == {0}  # one round of all N = 3 queries
     assert {g.adapter_version for g in groups} == {"base"}  # the starting policy, not the e2e run's last adapter
     assert {g.query_source for g in groups} <= {"offline", "seed_fallback"}
-    heldout = {normalize_query(row["query"]) for row in load_queries(Path("data/test_queries.jsonl"))}
+    heldout = {normalize_query(row["query"]) for row in read_queries(Path("data/test_queries.jsonl"))}
     assert not {normalize_query(g.query) for g in groups} & heldout
     state = _trainer_state(finished_run, OFFLINE_ID, 0)
     assert state["start"] is None and len(state["sample_ids"]) == 9
