@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# CPU image: the reward and judge services (no CUDA, no vLLM).
+# CPU image: the judge service, and the reward's CPU variant for small models
+# (k8s/variants/reward-cpu, docker-compose.cpu.yml); no CUDA, no vLLM.
 #
 # torch comes from PyTorch's CPU wheel index at the version pinned in
 # scripts/constraints-cpu.txt (a CUDA torch from PyPI would add GBs).

@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# GPU image: the rollout service (CUDA vLLM) and the trainer (QLoRA, DeepSpeed).
+# GPU image: the rollout service (CUDA vLLM), the trainer (QLoRA, DeepSpeed) and
+# the reward service (M_G, M_D, BGE-M3 in bf16 on CUDA).
 #
 # Built on vLLM's own CUDA image, so vLLM, torch and CUDA come matched; the
 # project goes on top with pins that forbid pip to replace torch or vLLM.
@@ -48,6 +49,6 @@ RUN python3 -m pip install -c /tmp/pins.txt --no-deps -e . \
  && chown grace:grace /app/runs /adapters
 
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8100
 ENTRYPOINT ["tini", "-g", "--"]
 CMD ["grace", "serve", "rollout", "--host", "0.0.0.0", "--port", "8000"]

@@ -11,12 +11,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+VERSION_RE = re.compile(r"^iter-(\d+)$")
+
+
+def adapter_version(iteration: int) -> str:
+    """The version the trainer publishes for an iteration's adapter: ``iter-NNNN``."""
+    return f"iter-{iteration:04d}"
 
 
 def adapter_checksum(path: str | Path) -> str:

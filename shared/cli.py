@@ -18,7 +18,7 @@ from pathlib import Path
 
 import typer
 
-SERVICES = ("rollout", "reward", "trainer", "judge", "stack")
+SERVICES = ("rollout", "reward", "trainer", "judge", "orchestrator")
 
 app = typer.Typer(help="GRACE-KTO: semi-online alignment for long structured documents.", no_args_is_help=True)
 serve_app = typer.Typer(help="Run a service.", no_args_is_help=True)

@@ -41,6 +41,7 @@ import torch
 from services.reward import metrics as M
 from services.reward.calibration import calibrate
 from shared.jsonl import read_queries
+from shared.throughput import matmul_flops_per_s
 from shared.parsing import extract_structured
 from shared.schemas import Metrics
 
@@ -169,24 +170,6 @@ def naive_score(nm: NaiveModels, groups: list[tuple[str, list[str]]], n: int, ba
 
 
 # --------------------------------------------------------------------------- measurements
-
-
-def matmul_flops_per_s(dtype: torch.dtype, shape: tuple[int, int, int], seconds: float = 2.0) -> float:
-    """Median torch matmul throughput in ``dtype`` for (m x k) @ (k x n) products over ``seconds``.
-
-    The median, not the best: on a shared machine the scoring run sees the
-    average contention, and so should the bound it is compared with.
-    """
-    m, k, n = shape
-    a = torch.randn(m, k).to(dtype)
-    b = torch.randn(k, n).to(dtype)
-    torch.matmul(a, b)
-    rates, deadline = [], time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(rates) < 3:
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        rates.append(2 * m * k * n / (time.perf_counter() - start))
-    return statistics.median(rates)
 
 
 def _timed(fn):

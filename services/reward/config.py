@@ -25,6 +25,16 @@ class RewardSettings(ServiceSettings):
         "auto", description="'auto' = bf16 on CUDA and on CPUs with native bf16 matmul, else fp32"
     )
     threads: int | None = Field(None, description="torch CPU threads (unset = torch default)")
+    gpu_memory_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description=(
+            "CUDA only: cap of this process's PyTorch allocations, as a fraction of the GPU's memory "
+            "(torch.cuda.set_per_process_memory_fraction); set it when the reward shares a GPU with vLLM "
+            "(whose share is the rollout's gpu_memory_utilization) or the trainer; unset = no cap"
+        ),
+    )
     ngram_n: int = Field(
         2, ge=1, description="n of the token n-grams in E (eq. 2; the paper leaves n open, distinct-2 is the usual choice)"
     )

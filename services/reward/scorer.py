@@ -66,6 +66,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def apply_memory_cap(fraction: float | None, device: torch.device) -> float | None:
+    """Caps this process's CUDA caching allocator at ``fraction`` of the device's memory (before any model loads).
+
+    An allocation past the cap raises ``torch.OutOfMemoryError`` in this process instead of taking memory that
+    a colocated vLLM (``--gpu-memory-utilization``) or trainer counts on. Returns the cap applied (None: none).
+    """
+    if fraction is None:
+        return None
+    if device.type != "cuda":
+        log.warning("event=gpu_memory_fraction_ignored device=%s fraction=%s", device, fraction)
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+    log.info("event=gpu_memory_cap device=cuda:%d fraction=%s", index, fraction)
+    return fraction
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 matmul is then ~2x fp32 on CPU."""
     try:
@@ -266,6 +283,7 @@ class Scorer:
         self.models = resolve_models(settings, preset=settings.preset)
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.memory_cap = apply_memory_cap(settings.gpu_memory_fraction, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.models.tokenizer))
         self.general = CausalScorer(self.models.general, self.device, self.dtype)
         self.domain = CausalScorer(self.models.domain, self.device, self.dtype)

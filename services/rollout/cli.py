@@ -1,4 +1,4 @@
-"""`grace serve rollout`, `grace bench rollout`, `grace rollout-iteration` (heavy imports stay inside)."""
+"""`grace serve rollout`, `grace bench rollout` (heavy imports stay inside)."""
 
 from __future__ import annotations
 
@@ -40,31 +40,3 @@ def bench(
         min_tokens=min_tokens, max_tokens=max_tokens, repeats=repeats, out_dir=out_dir,
     )  # fmt: skip
     run_bench(config)
-
-
-def rollout_iteration(
-    iteration: int = typer.Option(..., help="iteration number"),
-    run_id: Optional[str] = typer.Option(None, help="run id (default: settings.run_id)"),
-    k: Optional[int] = typer.Option(None, help="K queries (default: the run's config, else settings)"),
-    m: Optional[int] = typer.Option(None, help="m responses per query (default: the run's config, else settings)"),
-    offline: Optional[bool] = typer.Option(None, "--offline/--online", help="the offline round: K queries generated once (source offline)"),
-    gateway_url: Optional[str] = typer.Option(None, help="rollout gateway URL (default: settings.gateway_url)"),
-) -> None:
-    """Runs one rollout worker iteration: plan K queries, sample m responses each, publish the groups."""
-    import asyncio
-    import json
-
-    from services.rollout.config import RolloutSettings
-    from services.rollout.worker import run_iteration
-    from shared.local_redis import connect
-
-    for name in ("httpx", "httpx2"):  # one INFO line per request otherwise
-        logging.getLogger(name).setLevel(logging.WARNING)
-    overrides = {k_: v for k_, v in {"run_id": run_id, "gateway_url": gateway_url}.items() if v is not None}
-    settings = RolloutSettings(**overrides)
-    client = connect(settings.redis_url)
-    result = asyncio.run(run_iteration(settings, client, iteration, k=k, m=m, offline=offline))
-    typer.echo(json.dumps(result.__dict__))
-
-
-COMMANDS = {"rollout-iteration": rollout_iteration}

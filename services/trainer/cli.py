@@ -68,16 +68,26 @@ def sft(
         None, help="3.2 query-generation turns per epoch (default: 0; 4 under 10M parameters, the demo's generator)"
     ),
     seed: int = typer.Option(0),
+    rope: str = typer.Option(
+        None, help='the run\'s RoPE setting to check against, as JSON ({"yarn_factor", "native_window", "scope"})'
+    ),
 ) -> None:
-    """Supervised fine-tuning under the 3.1 system prompt (loss on response tokens): the starting policy."""
+    """Supervised fine-tuning under the 3.1 system prompt (loss on response tokens): the starting policy.
+
+    The last stdout line is the summary as JSON (tag rate, rounds, steps, final loss)."""
+    import json
+
     from services.trainer.sft import SftOptions, run_sft
+    from shared.rope import RopeConfig
 
     result = run_sft(SftOptions(data=data, out=out, base=base, mode=mode, epochs=epochs, lr=lr, max_steps=max_steps,
                                 batch_size=batch_size, max_length=max_length, seed=seed,
                                 section_tokens=section_tokens, tag_weight=tag_weight, target_tag_rate=target_tag_rate,
-                                max_rounds=max_rounds, query_generation_examples=query_generation_examples))  # fmt: skip
+                                max_rounds=max_rounds, query_generation_examples=query_generation_examples,
+                                rope=RopeConfig.model_validate_json(rope) if rope else None))  # fmt: skip
     rate = "" if result["tag_rate"] is None else f" tag_rate={result['tag_rate']:.2f}"
     typer.echo(f"policy {result['out']} steps={result['steps']} rounds={len(result['rounds'])} final_loss={result['final_loss']:.4f}{rate}")
+    typer.echo(json.dumps(result, default=str))
 
 
 COMMANDS = {"sft": sft}

@@ -249,18 +249,18 @@ class QueryGenerationExamples:
     """SFT turns for the 3.2 prompt: five seed queries as examples -> a list holding one training query.
 
     The target is written as the rollout constrains the generator's output (one line, no ``"`` or ``\\``:
-    see ``services.rollout.worker.query_list_regex``).
+    see the orchestrator's ``query_list_regex``).
     """
 
     def __init__(self, seed_queries: Path, targets: list[str], per_epoch: int):
-        from services.rollout.worker import load_queries
+        from shared.queries import load_queries
 
         self.per_epoch = per_epoch
         self.seeds = load_queries(seed_queries) if per_epoch else []
         self.targets = targets
 
     def draw(self, rng: random.Random) -> list[tuple[list[dict[str, str]], str]]:
-        from services.rollout.queries import prompt_lang, sample_examples
+        from shared.queries import prompt_lang, sample_examples
         from shared.prompts import query_generation_prompt
 
         turns = []

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from services.trainer.batching import iteration_steps
 from services.trainer.config import TrainerSettings
 from services.trainer.state import TrainerState
 from services.trainer.train import rank_world
-from shared.adapters import AdapterStore, adapter_checksum, adapter_rank
+from shared.adapters import VERSION_RE, AdapterStore, adapter_checksum, adapter_rank, adapter_version
 from shared.rope import RopeMismatch, check_rope
 from shared.runs import RunConfig, load_run_config, samples_file, write_samples_file
 from shared.schemas import (
@@ -39,13 +38,6 @@ from shared.schemas import (
 from shared.streams import StreamConsumer, StreamEntry, publish
 
 log = logging.getLogger(__name__)
-
-VERSION_RE = re.compile(r"^iter-(\d+)$")
-
-
-def adapter_version(iteration: int) -> str:
-    return f"iter-{iteration:04d}"
-
 
 OPTIMIZER_FILE = "optimizer.pt"  # lr_schedule="run": AdamW state + steps done, beside the adapter
 

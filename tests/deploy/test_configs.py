@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import copy
 import importlib
+import itertools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -44,7 +46,9 @@ HEALTHCHECK = ROOT / "docker" / "healthcheck.py"
 SERVICES = ("rollout", "reward", "trainer", "judge")
 HTTP_PORTS = {"rollout": 8000, "reward": 8100, "judge": 8200}
 READY_PATHS = {"rollout": "/health", "reward": "/ready", "judge": "/health"}
-GPU_SERVICES = {"rollout", "trainer"}
+GPU_SERVICES = {"rollout", "trainer", "reward"}
+NCCL_SERVICES = {"rollout", "trainer"}  # several processes per pod (tensor parallel, DeepSpeed): /dev/shm in memory
+ADAPTER_USERS = {"rollout", "trainer"}
 REDIS_USERS = {"rollout", "reward", "trainer"}
 
 # ----------------------------------------------------------------------------- helpers
@@ -262,14 +266,15 @@ def test_compose_gpu_reservations_on_rollout_and_trainer_only():
             device_ids[name] = set(gpus[0]["device_ids"])
         else:
             assert not gpus, f"{name} must not reserve a GPU"
-    assert not device_ids["rollout"] & device_ids["trainer"], "rollout and trainer default to the same GPU"
+    for a, b in (("rollout", "trainer"), ("rollout", "reward"), ("reward", "trainer")):
+        assert not device_ids[a] & device_ids[b], f"{a} and {b} default to the same GPU"
 
 
 def test_compose_adapters_volume_shared_by_trainer_and_rollout():
     doc = compose()
     assert "adapters" in doc["volumes"]
     targets = {}
-    for name in GPU_SERVICES:
+    for name in ADAPTER_USERS:
         mounts = [v.split(":") for v in doc["services"][name]["volumes"] if v.startswith("adapters:")]
         assert len(mounts) == 1, f"{name}: adapters volume not mounted"
         targets[name] = mounts[0]
@@ -392,7 +397,9 @@ def test_k8s_gpu_workloads_request_gpus_on_the_gpu_node():
             assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"], name
             assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}, name
             assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"], name
-            assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in spec["volumes"]), f"{name}: no /dev/shm"
+            if name in NCCL_SERVICES:
+                shm = any(v.get("emptyDir", {}).get("medium") == "Memory" for v in spec["volumes"])
+                assert shm, f"{name}: no /dev/shm"
         else:
             assert "nvidia.com/gpu" not in resources.get("limits", {}), f"{name} must not take a GPU"
 
@@ -549,6 +556,184 @@ def test_k8s_network_policies_admit_only_the_projects_own_traffic():
         assert not any(selector_matches(peer["podSelector"], outsider) for r in rules for peer in r["from"])
 
 
+# ----------------------------------------------------------------------------- reward on the GPU; its CPU variant
+
+CPU_VARIANT_K8S = K8S_DIR / "variants" / "reward-cpu"
+CPU_VARIANT_COMPOSE = ROOT / "docker-compose.cpu.yml"
+RESET = object()  # compose's `!reset` tag
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    pass
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: RESET)
+
+
+def compose_merge(base, override):
+    """Compose's merge of a second -f file: mappings merged key by key, `!reset` drops the key, the rest replaced.
+
+    (Compose merges some sequences, e.g. ports, by their key; the CPU override has none.)
+    """
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            if value is RESET:
+                merged.pop(key, None)
+            else:
+                merged[key] = compose_merge(base.get(key), value) if key in base else value
+        return merged
+    return override
+
+
+def compose_with_cpu_reward(env: dict[str, str] | None = None) -> dict:
+    raw = compose_merge(yaml.safe_load(COMPOSE_FILE.read_text()), yaml.load(CPU_VARIANT_COMPOSE.read_text(), _ComposeLoader))
+    return interpolate(raw, env or {})
+
+
+def json_patch(doc: dict, ops: list[dict]) -> dict:
+    """RFC 6902 add / remove / replace (what the kustomize component uses), on a copy."""
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
+        node = doc
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        key = int(last) if isinstance(node, list) else last
+        if op["op"] == "remove":
+            del node[key]
+        elif op["op"] == "replace":
+            node[key]  # replace needs the target to exist, as in kustomize (KeyError otherwise)
+            node[key] = op["value"]
+        elif op["op"] == "add":
+            node.insert(key, op["value"]) if isinstance(node, list) else node.__setitem__(key, op["value"])
+        else:
+            raise AssertionError(f"unsupported op {op['op']}")
+    return doc
+
+
+def k8s_objects_with_cpu_reward() -> list[dict]:
+    component = yaml.safe_load((CPU_VARIANT_K8S / "kustomization.yaml").read_text())
+    objects = k8s_objects()
+    for patch in component["patches"]:
+        target, ops = patch["target"], yaml.safe_load(patch["patch"])
+        matches = [i for i, o in enumerate(objects) if o["kind"] == target["kind"] and o["metadata"]["name"] == target["name"]]
+        assert len(matches) == 1, f"patch target {target} matches {len(matches)} objects"
+        objects[matches[0]] = json_patch(objects[matches[0]], ops)
+    return objects
+
+
+def quantity_bytes(q: str) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", q).groups()
+    return float(number) * units.get(unit, 1)
+
+
+def reward_effective_env(objects: list[dict]) -> dict[str, str]:
+    config = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "grace-config")["data"]
+    deployment = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "reward")
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    return {**config, **{e["name"]: e.get("value") for e in c.get("env", []) if "value" in e}}
+
+
+def test_reward_on_the_gpu_by_default_in_k8s_and_compose():
+    from services.reward.config import RewardSettings
+
+    # k8s: the CUDA image, one GPU, bf16 on CUDA
+    c = container("reward")
+    assert c["image"].split(":")[0] == "grace-kto-gpu"
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    env = reward_effective_env(k8s_objects())
+    assert env["GRACE_REWARD_DEVICE"] == "cuda" and env["GRACE_REWARD_DTYPE"] == "bf16"
+    RewardSettings(device=env["GRACE_REWARD_DEVICE"], dtype=env["GRACE_REWARD_DTYPE"])
+    # memory request holds M_G + M_D (Qwen2.5-7B, 7.62e9 params) + BGE-M3 (5.68e8) in bf16: 31.6 GB
+    weights = (2 * 7.62e9 + 5.68e8) * 2
+    assert quantity_bytes(c["resources"]["requests"]["memory"]) >= weights + 2 * 2**30
+    assert quantity_bytes(c["resources"]["limits"]["memory"]) >= quantity_bytes(c["resources"]["requests"]["memory"])
+    # compose: the CUDA image and Dockerfile, an NVIDIA GPU reservation, bf16 on CUDA
+    reward = compose()["services"]["reward"]
+    assert reward["image"].split(":")[0] == "grace-kto-gpu" and reward["build"]["dockerfile"] == "docker/gpu.Dockerfile"
+    (gpu,) = reward["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"] and gpu["device_ids"] == ["2"]
+    assert compose({"REWARD_GPU": "0"})["services"]["reward"]["deploy"]["resources"]["reservations"]["devices"][0][
+        "device_ids"
+    ] == ["0"]
+    assert compose_env(reward)["GRACE_REWARD_DEVICE"] == "cuda" and compose_env(reward)["GRACE_REWARD_DTYPE"] == "bf16"
+
+
+def test_k8s_cpu_reward_variant_is_valid_and_takes_no_gpu():
+    component = yaml.safe_load((CPU_VARIANT_K8S / "kustomization.yaml").read_text())
+    assert component["kind"] == "Component" and component["apiVersion"] == "kustomize.config.k8s.io/v1alpha1"
+    objects = k8s_objects_with_cpu_reward()
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    by_name = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    spec = by_name["Deployment", "reward"]["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    assert c["image"].split(":")[0] == "grace-kto-cpu"
+    for part in ("requests", "limits"):
+        assert "nvidia.com/gpu" not in c["resources"][part] and {"cpu", "memory"} <= set(c["resources"][part])
+    assert "nodeSelector" not in spec and "tolerations" not in spec
+    env = reward_effective_env(objects)
+    assert env["GRACE_REWARD_DEVICE"] == "cpu" and env["GRACE_REWARD_DTYPE"] == "auto"
+    from services.reward.config import RewardSettings
+
+    RewardSettings(device=env["GRACE_REWARD_DEVICE"], dtype=env["GRACE_REWARD_DTYPE"])
+    # the rest of the base is untouched: rollout and trainer keep their GPUs
+    changed = {key for key, obj in by_name.items() if obj != next(o for o in k8s_objects() if (o["kind"], o["metadata"]["name"]) == key)}
+    assert changed == {("Deployment", "reward"), ("ConfigMap", "grace-config")}
+    cpu_port = {int(p) for line in (ROOT / "docker" / "cpu.Dockerfile").read_text().splitlines()
+                if line.startswith("EXPOSE") for p in line.split()[1:]}  # fmt: skip
+    assert HTTP_PORTS["reward"] in cpu_port, "the CPU image must still serve the reward's port"
+
+
+def test_k8s_cpu_reward_variant_renders_with_kustomize(tmp_path):
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed: the component is checked by the offline patch above only")
+    rel = lambda p: str(Path(os.path.relpath(p, tmp_path)))
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump({"resources": [rel(K8S_DIR)], "components": [rel(CPU_VARIANT_K8S)]})
+    )
+    rendered = subprocess.run([kubectl, "kustomize", str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    objects = [d for d in yaml.safe_load_all(rendered) if d]
+    key = lambda o: (o["kind"], o["metadata"]["name"])
+    offline = {key(o): o for o in k8s_objects_with_cpu_reward()}
+    assert sorted(map(key, objects)) == sorted(offline)
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    for name in (("Deployment", "reward"), ("ConfigMap", "grace-config")):
+        assert next(o for o in objects if key(o) == name) == offline[name], f"{name}: kustomize differs from the patch"
+
+
+def test_compose_cpu_reward_override_is_valid_and_takes_no_gpu():
+    assert "deploy: !reset" in CPU_VARIANT_COMPOSE.read_text()
+    doc = compose_with_cpu_reward()
+    validator = jsonschema.Draft7Validator(json.loads(COMPOSE_SCHEMA.read_text()))
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    assert not errors, "\n".join(errors)
+    reward = doc["services"]["reward"]
+    assert "deploy" not in reward, "the CPU reward must not reserve a GPU"
+    assert reward["image"].split(":")[0] == "grace-kto-cpu" and reward["build"]["dockerfile"] == "docker/cpu.Dockerfile"
+    assert (ROOT / reward["build"]["context"] / reward["build"]["dockerfile"]).exists()
+    env = compose_env(reward)
+    assert env["GRACE_REWARD_DEVICE"] == "cpu" and env["GRACE_REWARD_DTYPE"] == "auto"
+    base = compose()["services"]
+    assert {k: v for k, v in env.items() if k not in ("GRACE_REWARD_DEVICE", "GRACE_REWARD_DTYPE")} == {
+        k: v for k, v in compose_env(base["reward"]).items() if k not in ("GRACE_REWARD_DEVICE", "GRACE_REWARD_DTYPE")
+    }, "the override changes only the device settings"
+    assert reward["command"] == base["reward"]["command"] and reward["ports"] == base["reward"]["ports"]
+    for name in ("rollout", "trainer"):
+        assert doc["services"][name] == base[name]
+    assert compose_with_cpu_reward({"GRACE_CPU_IMAGE": "reg/cpu:1"})["services"]["reward"]["image"] == "reg/cpu:1"
+
+
+def test_compose_merge_follows_compose_rules():
+    base = {"a": {"x": 1, "y": [1, 2]}, "b": 2, "c": {"d": 1}}
+    assert compose_merge(base, {"a": {"y": [3]}, "c": RESET, "e": 5}) == {"a": {"x": 1, "y": [3]}, "b": 2, "e": 5}
+
+
+
 # ----------------------------------------------------------------------------- compose <-> k8s <-> settings
 
 
@@ -660,7 +845,7 @@ def test_healthcheck_redis_with_password(redis_with_password):
 
 # ----------------------------------------------------------------------------- one port per service, everywhere
 
-DOCKERFILES = {"rollout": ROOT / "docker" / "gpu.Dockerfile", "reward": ROOT / "docker" / "cpu.Dockerfile",
+DOCKERFILES = {"rollout": ROOT / "docker" / "gpu.Dockerfile", "reward": ROOT / "docker" / "gpu.Dockerfile",
                "judge": ROOT / "docker" / "cpu.Dockerfile"}  # fmt: skip
 OTHER_PORTS = {6379, 9000}  # Redis; the README's separate vLLM judge server (not a project service)
 _HOSTED_PORT = re.compile(r"(?:localhost|127\.0\.0\.1|0\.0\.0\.0|\brollout|\breward|\bjudge):(\d{2,5})\b")
@@ -681,8 +866,8 @@ def _option_default(function, name: str):
 def test_one_port_per_service_everywhere():
     """rollout 8000, reward 8100, judge 8200: the settings defaults (so a bare `grace serve X` listens there),
     the clients' default URLs, compose, k8s, the Dockerfiles, the README and docs/deploy.md."""
-    from services.judge import cli as judge_cli
-    from services.judge.eval import EvalOptions
+    from services.orchestrator import eval_cli
+    from services.orchestrator.evaluation import EvalOptions
 
     services = compose()["services"]
     config = k8s_get("ConfigMap", "grace-config")["data"]
@@ -714,8 +899,8 @@ def test_one_port_per_service_everywhere():
     assert _url_port(compose_env(services["judge"])["GRACE_JUDGE_BASE_URL"]) == HTTP_PORTS["rollout"]
     assert _url_port(EvalOptions.__dataclass_fields__["rollout_url"].default) == HTTP_PORTS["rollout"]
     assert _url_port(EvalOptions.__dataclass_fields__["reward_url"].default) == HTTP_PORTS["reward"]
-    assert _url_port(_option_default(judge_cli.evaluate, "rollout_url")) == HTTP_PORTS["rollout"]
-    assert _url_port(_option_default(judge_cli.evaluate, "reward_url")) == HTTP_PORTS["reward"]
+    assert _url_port(_option_default(eval_cli.evaluate, "rollout_url")) == HTTP_PORTS["rollout"]
+    assert _url_port(_option_default(eval_cli.evaluate, "reward_url")) == HTTP_PORTS["reward"]
     # the documents: `grace serve X --port N`, `--X-url ...:N`, and no port that is not a service's
     docs = {"README.md": (ROOT / "README.md").read_text(), "docs/deploy.md": (ROOT / "docs" / "deploy.md").read_text()}
     for doc, text in docs.items():
@@ -723,6 +908,10 @@ def test_one_port_per_service_everywhere():
             assert int(port) == HTTP_PORTS[name], f"{doc}: {name} on {port}"
         stray = {int(p) for p in _HOSTED_PORT.findall(text)} - set(HTTP_PORTS.values()) - OTHER_PORTS
         assert not stray, f"{doc}: ports {stray} belong to no service"
-    table = {row[1].strip(): row[3].strip() for row in (line.split("|") for line in docs["docs/deploy.md"].splitlines())
-             if len(row) > 4 and row[1].strip() in HTTP_PORTS}  # fmt: skip
+    # the service table: the Markdown table whose header reads `| service | image | port | ...` (other tables,
+    # e.g. `grace plan`'s, also start their rows with service names)
+    lines = docs["docs/deploy.md"].splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(r"\|\s*service\s*\|\s*image\s*\|\s*port\s*\|", line))
+    rows = [line.split("|") for line in itertools.takewhile(lambda line: line.startswith("|"), lines[start:])]
+    table = {row[1].strip(): row[3].strip() for row in rows if len(row) > 4 and row[1].strip() in HTTP_PORTS}
     assert table == {name: str(port) for name, port in HTTP_PORTS.items()}, "docs/deploy.md service table"

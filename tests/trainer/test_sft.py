@@ -36,7 +36,7 @@ def test_condense_cuts_each_section_and_keeps_the_tags(tiny_models):
 
 def test_query_generation_turns_look_like_the_rollouts_generation_request(tmp_path):
     from services.rollout.config import RolloutSettings
-    from services.rollout.worker import query_list_regex
+    from services.orchestrator.rollout import query_list_regex
 
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text("\n".join(json.dumps({"query": f"Write report {i} on topic {i}", "lang": "en"}) for i in range(7)))

@@ -16,7 +16,8 @@ import pytest
 import redis
 
 from services.trainer.state import TrainerState
-from services.trainer.worker import TrainerWorker, adapter_version
+from services.trainer.worker import TrainerWorker
+from shared.adapters import adapter_version
 from shared.adapters import AdapterStore, adapter_checksum
 from shared.process import ServiceProcess
 from shared.schemas import STREAM_ADAPTERS, STREAM_SAMPLES, AdapterEvent, IterationComplete, WeightedSample, decode_message

@@ -5,15 +5,13 @@ import random
 import pytest
 
 from shared.parsing import normalize_query
-from services.rollout.queries import (
-    SeedQuery,
+from shared.queries import SeedQuery, prompt_lang, sample_examples
+from services.orchestrator.queries import (
     accept_queries,
     drop_heldout,
     fallback_queries,
     group_id,
     group_seed,
-    prompt_lang,
-    sample_examples,
 )
 
 SEEDS = [SeedQuery(f"Write a report on topic {i}", "en" if i % 2 else "zh", f"s{i}") for i in range(10)]

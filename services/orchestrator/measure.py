@@ -10,7 +10,7 @@ import os
 import statistics
 import time
 
-from services.stack.plan import Device
+from services.orchestrator.plan import Device
 
 # Efficiency fractions on this CPU, relative to the *measured* bounds below:
 # - prefill: `grace bench reward` on the small set measured the scorer at 0.30 of the bf16 matmul bound
@@ -31,22 +31,6 @@ CPU_TRAIN_MFU_FP32 = 0.50
 CPU_KV_CACHE_BYTES = 256 * 2**20
 CPU_DECODE_STEP_OVERHEAD_S = 0.4e-3
 CPU_DECODE_SEQ_OVERHEAD_S = 0.65e-3
-
-
-def matmul_flops_per_s(dtype_name: str = "fp32", shape: tuple[int, int, int] = (1024, 1024, 1024), seconds: float = 1.0) -> float:
-    """Median torch matmul FLOP/s of (m x k) @ (k x n) in ``dtype_name`` (bf16 | fp32) over ``seconds``."""
-    import torch
-
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    m, k, n = shape
-    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-    torch.matmul(a, b)
-    rates, deadline = [], time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(rates) < 3:
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        rates.append(2 * m * k * n / (time.perf_counter() - start))
-    return statistics.median(rates)
 
 
 def copy_bandwidth(megabytes: int = 256, seconds: float = 1.0) -> float:
@@ -75,8 +59,10 @@ def cpu_device(shape: tuple[int, int, int] = (1024, 1024, 1024), seconds: float 
     """This CPU as a plan device: matmul FLOP/s at ``shape`` (bf16 and fp32) and copy bandwidth, measured now."""
     import torch
 
-    bf16 = matmul_flops_per_s("bf16", shape, seconds)
-    fp32 = matmul_flops_per_s("fp32", shape, seconds)
+    from shared.throughput import matmul_flops_per_s
+
+    bf16 = matmul_flops_per_s(torch.bfloat16, shape, seconds)
+    fp32 = matmul_flops_per_s(torch.float32, shape, seconds)
     bandwidth = copy_bandwidth(seconds=seconds)
     measured = {"matmul_bf16_gflop_s": bf16 / 1e9, "matmul_fp32_gflop_s": fp32 / 1e9, "copy_gb_s": bandwidth / 1e9,
                 "threads": float(torch.get_num_threads()), "shape": list(shape)}  # fmt: skip

@@ -10,7 +10,8 @@ import pytest
 from shared.parsing import normalize_query
 from shared.schemas import STREAM_ROLLOUTS, IterationComplete, RolloutGroup, decode_message
 from services.rollout.config import RolloutSettings
-from services.rollout.worker import RolloutWorker, load_queries, run_iteration
+from services.orchestrator.rollout import RolloutWorker, run_iteration
+from shared.queries import load_queries
 
 
 def _settings(rollout_service, run_id, **extra):

@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from services.judge.context import long_token_sequences, rope_setup
+from services.orchestrator.context import long_token_sequences, rope_setup
 from shared.cli import app
 
 

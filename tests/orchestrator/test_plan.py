@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 from typer.testing import CliRunner
 
-from services.stack import plan as P
+from services.orchestrator import plan as P
 
 QWEN = P.MODEL_PRESETS["qwen2.5-7b"]
 BGE = P.MODEL_PRESETS["bge-m3"]

@@ -7,14 +7,17 @@ a short semi-online run -> the iteration table and the report path -> down.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
-from services.stack.loop import RunOptions, SemiOnlineRun
-from services.stack.stack import LocalStack, StackConfig
+from services.orchestrator.loop import RunOptions, SemiOnlineRun
+from services.orchestrator.stack import LocalStack, StackConfig
 from shared.rope import RopeConfig
 from shared.runs import RunConfig
 
@@ -44,16 +47,19 @@ class DemoOptions:
 
 
 def sft_policy(work_dir: Path, console: Console, rope: RopeConfig) -> Path:
-    """The SFT starting policy, built once per work folder (the marker is written last)."""
-    from services.trainer.sft import SftOptions, run_sft
-
+    """The SFT starting policy, built once per work folder (the marker is written last) by the trainer's
+    `grace sft` in its own process; its last stdout line is the summary."""
     out = work_dir / "policy-sft"
     marker = out / ".grace-sft-done"
     if marker.exists():
         console.print(f"SFT policy: reusing {out}")
         return out
+    command = [sys.executable, "-m", "shared.cli", "sft", "--out", str(out), "--rope", rope.model_dump_json()]
     with console.status("SFT: teaching the tiny policy the <summary>/<outline>/<answer> format and query generation"):
-        result = run_sft(SftOptions(out=out, rope=rope))
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the SFT stage failed (exit {done.returncode}): {' '.join(command)}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
     marker.write_text(str(result.get("final_loss")))
     rate = result["tag_rate"]
     measured = "" if rate is None else f", sampled tag rate {rate:.0%} on the seed queries"

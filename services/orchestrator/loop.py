@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from services.stack.progress import wait_for_adapter, wait_for_samples
-from services.stack.stack import StackInfo
+from services.orchestrator.progress import wait_for_adapter, wait_for_samples
+from services.orchestrator.stack import StackInfo
+from shared.adapters import adapter_version
 from shared.jsonl import read_jsonl
 from shared.local_redis import connect
 from shared.runs import RunConfig, load_run_config, read_samples_file, samples_file, save_run_config
@@ -36,7 +37,7 @@ from shared.settings import load_settings
 
 if TYPE_CHECKING:
     from services.rollout.config import RolloutSettings
-    from services.rollout.worker import IterationResult
+    from services.orchestrator.rollout import IterationResult
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,6 @@ class RunState:
         state = {"evaluated": self.evaluated, "trained": self.trained, "iterations": self.iterations}
         tmp.write_text(json.dumps(state, indent=2))
         os.replace(tmp, self.path)
-
-
-def adapter_version(iteration: int) -> str:
-    from services.trainer.worker import adapter_version as trainer_version
-
-    return trainer_version(iteration)
 
 
 def stage_label(iteration: int) -> str:
@@ -136,7 +131,7 @@ class SemiOnlineRun:
         )
 
     def _iteration(self, iteration: int) -> None:
-        from services.rollout.worker import run_iteration
+        from services.orchestrator.rollout import run_iteration
 
         timeout = self.options.stage_timeout_s
         started = time.perf_counter()
@@ -165,7 +160,7 @@ class SemiOnlineRun:
                               "heldout_dropped": result.heldout_dropped, **trained})  # fmt: skip
 
     def _evaluate(self, label: str) -> None:
-        from services.judge.eval import EvalOptions, PolicySpec, run_eval
+        from services.orchestrator.evaluation import EvalOptions, PolicySpec, run_eval
 
         slug = label.replace(" ", "-")
         settings = self.rollout_settings()
@@ -198,7 +193,7 @@ class SemiOnlineRun:
         return [BASE_LABEL] + [stage_label(i) for i in sorted(self.state.trained)]
 
     def table(self) -> Table:
-        from services.judge.report import AUTOMATIC_COLUMNS
+        from services.orchestrator.report import AUTOMATIC_COLUMNS
 
         table = Table(title=f"run {self.config.run_id}: held-out metrics per iteration")
         table.add_column("policy")
@@ -213,7 +208,7 @@ class SemiOnlineRun:
         return table
 
     def write_report(self) -> Path:
-        from services.judge import report
+        from services.orchestrator import report
 
         labels = self.labels()
         values = {label: self.state.evaluated[label] for label in labels}

@@ -1,4 +1,5 @@
-"""`grace stack up`, `grace run`, `grace demo` (heavy imports stay inside the functions)."""
+"""`grace stack up`, `grace run`, `grace demo`, `grace rollout-iteration`, `grace plan`, `grace eval`
+(heavy imports stay inside the functions)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def up(
     """Start the stack, print its URLs, restart services that die; Ctrl-C stops everything."""
     import logging
 
-    from services.stack.stack import LocalStack, StackConfig
+    from services.orchestrator.stack import LocalStack, StackConfig
 
     common = {"adapter_root": str((adapter_root or stack_dir / "adapters").resolve()),
               "run_root": str((run_root or Path("runs")).resolve())}  # fmt: skip
@@ -62,8 +63,8 @@ def run(
     judge: bool = typer.Option(False, help="also judge the held-out responses with the judge service"),
 ) -> None:
     """A semi-online GRACE-KTO run on a running stack; writes runs/<id>/report.md."""
-    from services.stack.loop import RunOptions, SemiOnlineRun
-    from services.stack.stack import StackInfo
+    from services.orchestrator.loop import RunOptions, SemiOnlineRun
+    from services.orchestrator.stack import StackInfo
     from shared.runs import RunConfig
 
     info = StackInfo.load(stack_dir / "stack.json")
@@ -81,13 +82,40 @@ def demo(
     loss: str = typer.Option("grace_kto"),
 ) -> None:
     """The whole loop on the tiny local models: SFT, stack, 3 iterations, report."""
-    from services.stack.demo import DemoOptions, run_demo
+    from services.orchestrator.demo import DemoOptions, run_demo
 
     run_demo(DemoOptions(work_dir=work_dir, run_id=run_id, iterations=iterations, queries=queries,
                          responses=responses, loss=loss))  # fmt: skip
 
 
-from services.stack.plan_cli import plan  # its heavy imports stay inside the function
+def rollout_iteration(
+    iteration: int = typer.Option(..., help="iteration number"),
+    run_id: Optional[str] = typer.Option(None, help="run id (default: settings.run_id)"),
+    k: Optional[int] = typer.Option(None, help="K queries (default: the run's config, else settings)"),
+    m: Optional[int] = typer.Option(None, help="m responses per query (default: the run's config, else settings)"),
+    offline: Optional[bool] = typer.Option(None, "--offline/--online", help="the offline round: K queries generated once (source offline)"),
+    gateway_url: Optional[str] = typer.Option(None, help="rollout gateway URL (default: settings.gateway_url)"),
+) -> None:
+    """Runs one rollout worker iteration: plan K queries, sample m responses each, publish the groups."""
+    import asyncio
+    import json
+    import logging
 
-COMMANDS = {"run": run, "demo": demo, "plan": plan}
-GROUPS = {"stack": stack_app}
+    from services.rollout.config import RolloutSettings
+    from services.orchestrator.rollout import run_iteration
+    from shared.local_redis import connect
+
+    for name in ("httpx", "httpx2"):  # one INFO line per request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
+    overrides = {k_: v for k_, v in {"run_id": run_id, "gateway_url": gateway_url}.items() if v is not None}
+    settings = RolloutSettings(**overrides)
+    client = connect(settings.redis_url)
+    result = asyncio.run(run_iteration(settings, client, iteration, k=k, m=m, offline=offline))
+    typer.echo(json.dumps(result.__dict__))
+
+
+from services.orchestrator.eval_cli import eval_app  # noqa: E402  (heavy imports stay inside its functions)
+from services.orchestrator.plan_cli import plan  # noqa: E402
+
+COMMANDS = {"run": run, "demo": demo, "plan": plan, "rollout-iteration": rollout_iteration}
+GROUPS = {"stack": stack_app, "eval": eval_app}

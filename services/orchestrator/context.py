@@ -166,7 +166,7 @@ def run_context(opts: ContextOptions) -> list[dict]:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from services.judge import report
+    from services.orchestrator import report
     from shared.jsonl import read_queries
     from shared.tiny_models import native_window, yarn_rope_parameters
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.stack.loop import iteration_record, training_data_table
+from services.orchestrator.loop import iteration_record, training_data_table
 from shared.runs import read_samples_file, samples_file, write_samples_file
 from shared.schemas import Metrics, WeightedSample
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from services.judge.eval import EvalOptions, PolicySpec, run_eval
+from services.orchestrator.evaluation import EvalOptions, PolicySpec, run_eval
 from shared.prompts import STRUCTURED_SYSTEM_PROMPT
 from tests.fixtures.judge import Step
 

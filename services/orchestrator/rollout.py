@@ -37,7 +37,7 @@ import httpx
 import openai
 import redis
 
-from shared.jsonl import read_queries
+from shared.queries import SeedQuery, load_queries, prompt_lang, sample_examples
 from shared.parsing import extract_structured, normalize_query, parse_query_list
 from shared.prompts import chat_messages, query_generation_prompt
 from shared.runs import load_run_config
@@ -45,17 +45,14 @@ from shared.schemas import FINISH_TRUNCATED, STREAM_ROLLOUTS, IterationComplete,
 from shared.streams import as_text
 
 from services.rollout.config import RolloutSettings
-from services.rollout.rope_check import check_run_rope
-from services.rollout.queries import (
+from services.orchestrator.rope_check import check_run_rope
+from services.orchestrator.queries import (
     PlannedQuery,
-    SeedQuery,
     accept_queries,
     drop_heldout,
     fallback_queries,
     group_id,
     group_seed,
-    prompt_lang,
-    sample_examples,
 )
 
 log = logging.getLogger(__name__)
@@ -90,11 +87,6 @@ def query_list_regex(settings: RolloutSettings) -> str:
     schema-guided decoding lets a weak model pad with whitespace until max_tokens)."""
     item = rf'"[^"\\\n]{{{settings.min_query_chars},{settings.max_query_chars}}}"'  # no quote, backslash, newline
     return rf"\[{item}(, {item}){{0,{settings.examples_per_prompt - 1}}}\]"
-
-
-def load_queries(path: str | Path) -> list[SeedQuery]:
-    """A JSONL query file ({"query", "lang", "id", ...} per line)."""
-    return [SeedQuery(query=row["query"], lang=row["lang"], id=row["id"]) for row in read_queries(path)]
 
 
 class RolloutWorker:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from services.judge import report
+from services.orchestrator import report
 from services.judge.client import retry_after_seconds
 from shared.jsonl import read_queries
 from shared.parsing import extract_structured

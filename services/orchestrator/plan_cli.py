@@ -49,7 +49,7 @@ def plan(
     out: Optional[Path] = typer.Option(None, help="also write the Markdown table here"),
 ) -> None:
     """Capacity plan per iteration: stage times, memory per service, the best GPU split. Last line: JSON."""
-    from services.stack import plan as P
+    from services.orchestrator import plan as P
 
     if demo:
         policy, measure_cpu = "tiny", True
@@ -57,7 +57,7 @@ def plan(
     device_name = "cpu" if measure_cpu else gpu.lower()
     measured: dict | None = None
     if device_name == "cpu":
-        from services.stack.measure import cpu_device
+        from services.orchestrator.measure import cpu_device
 
         shape_for = P.load_shape(policy, "policy")
         # matmuls at the policy's own shape (a batch of tokens through its MLP), capped to keep this to seconds
@@ -87,7 +87,7 @@ def plan(
     if demo:
         settings.update(P.DEMO_SETTINGS)
     if device.kind == "cpu":
-        from services.stack.measure import CPU_KV_CACHE_BYTES
+        from services.orchestrator.measure import CPU_KV_CACHE_BYTES
 
         settings.update(gpus=1, qlora=False, gradient_checkpointing=False, kv_cache_bytes=CPU_KV_CACHE_BYTES)
     inputs = P.PlanInputs(device=device, **shapes, **settings)

@@ -9,8 +9,8 @@ import json
 import pytest
 import redis
 
-from services.stack.loop import RunOptions, SemiOnlineRun
-from services.stack.stack import LocalStack, StackConfig
+from services.orchestrator.loop import RunOptions, SemiOnlineRun
+from services.orchestrator.stack import LocalStack, StackConfig
 from pathlib import Path
 
 from shared.jsonl import read_queries

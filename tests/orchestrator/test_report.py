@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from services.judge import report
-from services.judge.report import AUTOMATIC_COLUMNS, JUDGE_COLUMNS, Column
+from services.orchestrator import report
+from services.orchestrator.report import AUTOMATIC_COLUMNS, JUDGE_COLUMNS, Column
 
 # Table 1 of the paper: the ranks and average ranks printed there must come out of our functions.
 TABLE1 = {

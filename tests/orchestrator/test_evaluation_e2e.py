@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from services.judge.eval import parse_policy_spec
+from services.orchestrator.evaluation import parse_policy_spec
 from shared.cli import app
 from tests.fixtures.judge import Step
 from tests.fixtures.rollout import wait_adapter_status

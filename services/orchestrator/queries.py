@@ -1,24 +1,18 @@
-"""Pure parts of the rollout worker: picking examples, accepting generated queries, ids, seeds.
+"""Pure parts of the iteration producer: accepting generated queries, ids, seeds.
 
-Paper 3.2: five seed queries sampled uniformly per prompt; new queries are
-kept only if they were not seen before in the run (``normalize_query`` key).
+Paper 3.2: new queries are kept only if they were not seen before in the run
+(``normalize_query`` key); the examples come from ``shared.queries``.
 A query equal to a held-out one (same key) is never a training query.
 """
 
 from __future__ import annotations
 
 import random
-from collections import Counter
 from dataclasses import dataclass
+
 from shared.parsing import normalize_query
+from shared.queries import SeedQuery
 from shared.schemas import QuerySource
-
-
-@dataclass(frozen=True)
-class SeedQuery:
-    query: str
-    lang: str = "en"
-    id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -27,23 +21,6 @@ class PlannedQuery:
 
     query: str
     source: QuerySource = "generated"
-
-
-def sample_examples(seeds: list[SeedQuery], rng: random.Random, count: int = 5) -> list[SeedQuery]:
-    """``count`` distinct seeds, uniformly (with repeats only if the seed set is smaller)."""
-    if not seeds:
-        raise ValueError("the seed query set is empty")
-    if len(seeds) >= count:
-        return rng.sample(seeds, count)
-    return [rng.choice(seeds) for _ in range(count)]
-
-
-def prompt_lang(examples: list[SeedQuery], setting: str = "auto") -> str:
-    """The generation prompt's language: fixed, or the most common among the examples (ties -> zh, the paper's)."""
-    if setting != "auto":
-        return setting
-    counts = Counter(e.lang if e.lang in ("en", "zh") else "en" for e in examples)
-    return "zh" if counts["zh"] >= counts["en"] else "en"
 
 
 def accept_queries(
