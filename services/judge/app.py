@@ -1,24 +1,23 @@
 """Judge HTTP API: ``POST /v1/judge``, ``POST /v1/judge/batch``, ``GET /health``.
 
-Errors: 422 on bad input (the message names the field), 502 when the backend's
-answer cannot be judged after retries (the message says why), 401 on a wrong
-key; never a 500.
+Errors, in OpenAI's shape (``shared.http_edge``): 422 on bad input (the message
+names the field), 502 when the backend fails or its answer cannot be judged after
+retries (the message says why), 401 on a wrong key, 500 for a bug in the judge itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI
+from fastapi.exceptions import RequestValidationError
 
 from services.judge.client import JudgeBackendError, JudgeClient
 from services.judge.config import JudgeSettings
+from shared.http_edge import APIError, BodyLimit, bearer_key, field_error, install_error_handlers
 from shared.schemas import JudgeBatchItem, JudgeBatchRequest, JudgeBatchResponse, JudgeRequest, JudgeResult
 
 log = logging.getLogger(__name__)
@@ -36,44 +35,39 @@ def create_app(settings: JudgeSettings | None = None) -> FastAPI:
 
     app = FastAPI(title="GRACE-KTO judge", lifespan=lifespan)
     app.state.settings = settings
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    install_error_handlers(app)
+    authorized = [Depends(bearer_key(settings.server_api_key_value()))]
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:  # a bug must not look like a 500 hang
-        log.exception("event=judge_unexpected_error path=%s", request.url.path)
-        return JSONResponse(status_code=502, content={"detail": f"judge failed: {type(exc).__name__}"})
-
-    def authorize(authorization: Annotated[str | None, Header()] = None) -> None:
-        expected = settings.server_api_key_value()
-        if expected and not secrets.compare_digest(authorization or "", f"Bearer {expected}"):
-            raise HTTPException(401, "missing or wrong bearer key")
-
-    def check_sizes(item: JudgeRequest, where: str) -> None:
+    def check_sizes(item: JudgeRequest, where: tuple) -> None:
         for field in ("instruction", "response"):
             if len(getattr(item, field)) > settings.max_input_chars:
-                raise HTTPException(422, f"{where}{field}: longer than {settings.max_input_chars} characters")
+                too_long = f"longer than {settings.max_input_chars} characters"
+                raise RequestValidationError([field_error((*where, field), too_long, "too_long")])
 
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": settings.model}
 
-    @app.post("/v1/judge", dependencies=[Depends(authorize)])
+    @app.post("/v1/judge", dependencies=authorized)
     async def judge(body: JudgeRequest) -> JudgeResult:
-        check_sizes(body, "")
+        check_sizes(body, ())
         started = time.perf_counter()
         try:
             result = await app.state.client.judge(body.instruction, body.response)
         except JudgeBackendError as exc:
             log.warning("event=judge_failed reason=%r", str(exc)[:300])
-            raise HTTPException(502, str(exc)) from exc
+            raise APIError(502, str(exc)) from exc
         log.info("event=judged score=%.1f seconds=%.2f", result.score, time.perf_counter() - started)
         return result
 
-    @app.post("/v1/judge/batch", dependencies=[Depends(authorize)])
+    @app.post("/v1/judge/batch", dependencies=authorized)
     async def judge_batch(body: JudgeBatchRequest) -> JudgeBatchResponse:
         if len(body.items) > settings.max_batch_items:
-            raise HTTPException(422, f"items: more than {settings.max_batch_items} items")
+            too_many = f"more than {settings.max_batch_items} items"
+            raise RequestValidationError([field_error(("items",), too_many, "too_long")])
         for index, item in enumerate(body.items):
-            check_sizes(item, f"items[{index}].")
+            check_sizes(item, ("items", index))
 
         async def one(index: int, item: JudgeRequest) -> JudgeBatchItem:
             try:

@@ -33,6 +33,7 @@ class JudgeSettings(ServiceSettings):
 
     host: str = Field("127.0.0.1", description="bind address of `grace serve judge`")
     port: int = Field(8200, description="port of `grace serve judge`")
+    max_body_bytes: int = Field(8 << 20, ge=1024, description="largest request body accepted (413 above)")
 
     # Backend. `api_key` here is the *backend's* key (GRACE_JUDGE_API_KEY, e.g. an OpenAI key);
     # the key that protects this service's own HTTP API is `server_api_key`.

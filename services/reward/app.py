@@ -10,22 +10,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import secrets
 import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.reward.config import RewardSettings
 from services.reward.scorer import ComputeStats, Scorer, score_response
 from services.reward.telemetry import Telemetry
+from shared.http_edge import APIError, BodyLimit, bearer_key, field_error, install_error_handlers
 from shared.schemas import CalibrateRequest, ScoreRequest, ScoreResponse
 
 log = logging.getLogger(__name__)
@@ -75,65 +74,22 @@ class ServiceState:
     threads: list[threading.Thread] = field(default_factory=list)
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over ``max_bytes`` gets 413 before anything parses it."""
-
-    def __init__(self, app: Any, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            return await self._reject(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.max_bytes:
-                return await self._reject(scope, receive, send)
-        body, replayed = b"".join(chunks), False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _reject(self, scope: dict, receive: Any, send: Any) -> None:
-        detail = f"request body larger than {self.max_bytes} bytes (max_body_bytes)"
-        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
-
-
-def _too_long(loc: tuple, msg: str) -> dict:
-    return {"type": "too_long", "loc": ("body", *loc), "msg": msg, "input": None}
-
-
 def check_score_limits(body: ScoreRequest, s: RewardSettings) -> None:
     """422 naming the field for every limit a valid body can still exceed."""
     errors = []
     if len(body.groups) > s.max_groups:
-        errors.append(_too_long(("groups",), f"at most {s.max_groups} groups per request, got {len(body.groups)}"))
+        errors.append(field_error(("groups",), f"at most {s.max_groups} groups per request, got {len(body.groups)}"))
     for g, group in enumerate(body.groups[: s.max_groups]):
         if len(group.query) > s.max_query_chars:
-            errors.append(_too_long(("groups", g, "query"), f"query longer than {s.max_query_chars} characters"))
+            errors.append(field_error(("groups", g, "query"), f"query longer than {s.max_query_chars} characters"))
         if len(group.responses) > s.max_responses:
             errors.append(
-                _too_long(("groups", g, "responses"), f"at most {s.max_responses} responses per group, got {len(group.responses)}")
+                field_error(("groups", g, "responses"), f"at most {s.max_responses} responses per group, got {len(group.responses)}")
             )
         for r, text in enumerate(group.responses[: s.max_responses]):
             if len(text) > s.max_response_chars:
                 errors.append(
-                    _too_long(("groups", g, "responses", r), f"response longer than {s.max_response_chars} characters")
+                    field_error(("groups", g, "responses", r), f"response longer than {s.max_response_chars} characters")
                 )
     if errors:
         raise RequestValidationError(errors[:20])
@@ -142,31 +98,18 @@ def check_score_limits(body: ScoreRequest, s: RewardSettings) -> None:
 def check_calibrate_body(body: CalibrateRequest, s: RewardSettings) -> None:
     errors = []
     if len(body.groups) > s.max_groups:
-        errors.append(_too_long(("groups",), f"at most {s.max_groups} groups per request, got {len(body.groups)}"))
+        errors.append(field_error(("groups",), f"at most {s.max_groups} groups per request, got {len(body.groups)}"))
     for g, group in enumerate(body.groups[: s.max_groups]):
         if len(group.responses) > s.max_responses:
-            errors.append(_too_long(("groups", g, "responses"), f"at most {s.max_responses} responses per group"))
+            errors.append(field_error(("groups", g, "responses"), f"at most {s.max_responses} responses per group"))
         for r, item in enumerate(group.responses[: s.max_responses]):
-            loc = ("body", "groups", g, "responses", r, "metrics")
+            loc = ("groups", g, "responses", r, "metrics")
             if item.parsed and item.metrics is None:
-                errors.append({"type": "missing", "loc": loc, "msg": "metrics are required when parsed is true", "input": None})
+                errors.append(field_error(loc, "metrics are required when parsed is true", "missing"))
             elif item.parsed and not all(math.isfinite(v) for v in item.metrics.model_dump().values()):
-                errors.append({"type": "finite_number", "loc": loc, "msg": "metrics must be finite numbers", "input": None})
+                errors.append(field_error(loc, "metrics must be finite numbers", "finite_number"))
     if errors:
         raise RequestValidationError(errors[:20])
-
-
-_bearer = HTTPBearer(auto_error=False, description="the service's API key (settings.api_key), when one is set")
-
-
-def require_key(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    """Bearer API key check; open when no key is configured."""
-    expected = request.app.state.reward.settings.api_key_value()
-    if expected is None:
-        return
-    given = credentials.credentials if credentials else ""
-    if not secrets.compare_digest(given.encode(), expected.encode()):
-        raise HTTPException(401, "missing or wrong bearer API key", headers={"WWW-Authenticate": "Bearer"})
 
 
 def _load_models(state: ServiceState) -> None:
@@ -226,11 +169,13 @@ def create_app(settings: RewardSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    install_error_handlers(app)
     app.state.reward = state
+    authorized = [Depends(bearer_key(settings.api_key_value()))]
 
-    def unavailable(detail: str) -> HTTPException:
+    def unavailable(detail: str) -> APIError:
         telemetry.rejected.inc()
-        return HTTPException(503, detail, headers={"Retry-After": str(settings.retry_after_s)})
+        return APIError(503, detail, headers={"Retry-After": str(settings.retry_after_s)})
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
@@ -259,7 +204,7 @@ def create_app(settings: RewardSettings | None = None) -> FastAPI:
         """Prometheus metrics."""
         return Response(generate_latest(telemetry.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/score", response_model=ScoreResponse, tags=["reward"], dependencies=[Depends(require_key)])
+    @app.post("/v1/score", response_model=ScoreResponse, tags=["reward"], dependencies=authorized)
     async def score(body: ScoreRequest) -> ScoreResponse:
         """Scores every response (metrics of paper 3.3), then calibrates the request's groups as one dataset (eq. 5-9)."""
         check_score_limits(body, settings)
@@ -288,7 +233,7 @@ def create_app(settings: RewardSettings | None = None) -> FastAPI:
                 item.finish_reason = finish
         return response
 
-    @app.post("/v1/calibrate", response_model=ScoreResponse, tags=["reward"], dependencies=[Depends(require_key)])
+    @app.post("/v1/calibrate", response_model=ScoreResponse, tags=["reward"], dependencies=authorized)
     def calibrate(body: CalibrateRequest) -> ScoreResponse:
         """Rank-sum, group Z and global weights (eq. 5-9) for metrics computed elsewhere; no model needed."""
         check_calibrate_body(body, settings)

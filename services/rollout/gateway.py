@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -32,22 +31,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from services.rollout.config import RolloutSettings
 from services.rollout.registry import AdapterRegistry
+from shared.http_edge import APIError, BodyLimit, bearer_key, install_error_handlers
 
 log = logging.getLogger(__name__)
 
 BLOCKED_PATHS = {"load_lora_adapter", "unload_lora_adapter"}
 PASSED_HEADERS = ("content-type", "content-length", "content-encoding", "x-request-id")
-
-
-class GatewayError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
-
-
-def error_body(message: str, kind: str, status: int, param: str | None = None) -> dict:
-    """OpenAI's error shape, so the official client raises the matching exception."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
 class UpstreamResponse(StreamingResponse):
@@ -73,7 +62,6 @@ def create_app(
     settings: RolloutSettings, registry: AdapterRegistry, vllm_url: str, ready: Callable[[], bool] = lambda: True
 ) -> FastAPI:
     """``ready`` says whether the service finished starting (vLLM warmed up); /health is 503 before."""
-    api_key = settings.api_key_value()
     vllm_url = vllm_url.rstrip("/")
 
     @asynccontextmanager
@@ -86,19 +74,9 @@ def create_app(
 
     app = FastAPI(title="GRACE-KTO rollout gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.in_flight = 0
-
-    @app.exception_handler(GatewayError)
-    async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.kind, exc.status, exc.param), status_code=exc.status)
-
-    def require_key(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise GatewayError(401, "missing or wrong bearer API key", "authentication_error")
-
-    authorized = [Depends(require_key)]
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    install_error_handlers(app)
+    authorized = [Depends(bearer_key(settings.api_key_value()))]
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -127,7 +105,7 @@ def create_app(
             upstream = await request.app.state.client.get("/v1/models")
             listing = upstream.json()
         except (httpx.HTTPError, ValueError) as exc:
-            raise GatewayError(503, f"vLLM unavailable: {exc}", "service_unavailable") from exc
+            raise APIError(503, f"vLLM unavailable: {exc}") from exc
         current = registry.current
         card = {
             "id": settings.policy_name,
@@ -145,18 +123,18 @@ def create_app(
     @app.post("/v1/{path:path}", dependencies=authorized)
     async def proxy(path: str, request: Request) -> UpstreamResponse:
         if path in BLOCKED_PATHS:
-            raise GatewayError(404, f"/v1/{path} is not served by the gateway", "not_found_error")
-        body = await _bounded_body(request, settings.max_body_bytes)
+            raise APIError(404, f"/v1/{path} is not served by the gateway")
+        body = await request.body()  # at most max_body_bytes: BodyLimit answered 413 above
         state = request.app.state
         if state.in_flight >= settings.max_in_flight:
-            raise GatewayError(429, f"more than {settings.max_in_flight} requests in flight", "rate_limit_error")
+            raise APIError(429, f"more than {settings.max_in_flight} requests in flight")
 
         payload = _json_object(body)
         record = None
         if payload is not None:
             n = payload.get("n", 1)
             if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= settings.max_n):
-                raise GatewayError(400, f"n must be an integer in [1, {settings.max_n}]", param="n")
+                raise APIError(400, f"n must be an integer in [1, {settings.max_n}]", param="n")
             if payload.get("model") == settings.policy_name:
                 record = registry.acquire()
                 payload["model"] = record.model
@@ -182,7 +160,7 @@ def create_app(
         except httpx.HTTPError as exc:
             on_close()
             log.warning("event=upstream_error path=%s error=%s", path, type(exc).__name__)
-            raise GatewayError(502, f"vLLM did not answer: {type(exc).__name__}", "upstream_error") from exc
+            raise APIError(502, f"vLLM did not answer: {type(exc).__name__}") from exc
         headers = {k: v for k in PASSED_HEADERS if (v := upstream.headers.get(k)) is not None}
         if record is not None:
             headers["x-grace-adapter-version"] = record.version
@@ -192,19 +170,6 @@ def create_app(
         return UpstreamResponse(upstream, headers, on_close)
 
     return app
-
-
-async def _bounded_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` (declared or streamed)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise GatewayError(413, f"request body over {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise GatewayError(413, f"request body over {limit} bytes")
-    return bytes(body)
 
 
 def _json_object(body: bytes) -> dict | None:

@@ -1,8 +1,7 @@
-"""The judge HTTP API over real HTTP: results, batch, 422, 502 with a reason, auth."""
+"""The judge HTTP API over real HTTP: results, batch, 422, 502 with a reason, 500 for its own bugs, auth."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import httpx
@@ -16,13 +15,26 @@ ITEM = {"instruction": "Write a report on SOE mixed-ownership reform.", "respons
 
 
 @pytest.fixture(scope="module")
-def judge_url(scripted_backend):
+def judge_app(scripted_backend):
     settings = JudgeSettings(
         base_url=scripted_backend.url, model="judge", max_retries=1, backoff_base_s=0.05, timeout_s=5.0,
-        max_concurrency=1, max_input_chars=1000, max_batch_items=4,
+        max_concurrency=1, max_input_chars=1000, max_batch_items=4, max_body_bytes=4096,
     )  # fmt: skip
-    with serve_in_thread(create_app(settings)) as url:
-        yield url
+    app = create_app(settings)
+    with serve_in_thread(app) as url:
+        yield app, url
+
+
+@pytest.fixture(scope="module")
+def judge_url(judge_app):
+    return judge_app[1]
+
+
+def _error(response) -> dict:
+    """OpenAI's error shape, ``code`` the HTTP status."""
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == response.status_code, error
+    return error
 
 
 def test_health(judge_url):
@@ -61,7 +73,7 @@ def test_retry_inside_the_service_is_invisible_to_the_caller(judge_url, backend)
 def test_bad_input_is_422_naming_the_field(judge_url, backend, body, field):
     response = httpx.post(f"{judge_url}/v1/judge", json=body, timeout=30)
     assert response.status_code == 422
-    assert field in json.dumps(response.json())
+    assert f"{field}: " in _error(response)["message"] and _error(response)["param"] == field
     assert backend.calls == []  # never reached the backend
 
 
@@ -70,14 +82,28 @@ def test_unjudgeable_backend_answer_is_502_with_the_reason(judge_url, backend):
     started = time.monotonic()
     response = httpx.post(f"{judge_url}/v1/judge", json=ITEM, timeout=30)
     assert response.status_code == 502
-    assert "could not be judged" in response.json()["detail"] and "after 2 attempts" in response.json()["detail"]
+    message = _error(response)["message"]
+    assert "could not be judged" in message and "after 2 attempts" in message
+    assert _error(response)["type"] == "upstream_error"
     assert time.monotonic() - started < 10
 
 
 def test_failing_backend_is_502_not_500(judge_url, backend):
     backend.script(Step(500), Step(500))
     response = httpx.post(f"{judge_url}/v1/judge", json=ITEM, timeout=30)
-    assert response.status_code == 502 and "HTTP 500" in response.json()["detail"]
+    assert response.status_code == 502 and "HTTP 500" in _error(response)["message"]
+
+
+def test_a_bug_in_the_judge_itself_is_500_not_502(judge_app, backend, monkeypatch):
+    app, url = judge_app
+
+    async def broken(instruction: str, response: str):
+        raise KeyError("judge bug")
+
+    monkeypatch.setattr(app.state.client, "judge", broken)
+    response = httpx.post(f"{url}/v1/judge", json=ITEM, timeout=30)
+    assert response.status_code == 500 and _error(response)["type"] == "server_error"
+    assert "KeyError" in _error(response)["message"] and backend.calls == []
 
 
 def test_batch_reports_each_items_result_or_error(judge_url, backend):
@@ -95,18 +121,30 @@ def test_batch_reports_each_items_result_or_error(judge_url, backend):
 
 @pytest.mark.parametrize(
     "body, field",
-    [({"items": []}, "items"), ({"items": [ITEM] * 5}, "items"), ({"items": [ITEM, {"instruction": "q"}]}, "response")],
+    [
+        ({"items": []}, "items"),
+        ({"items": [ITEM] * 5}, "items"),
+        ({"items": [ITEM, {"instruction": "q"}]}, "items.1.response"),
+        ({"items": [ITEM, {**ITEM, "response": "x" * 1001}]}, "items.1.response"),
+    ],
 )
 def test_bad_batch_is_422(judge_url, backend, body, field):
     response = httpx.post(f"{judge_url}/v1/judge/batch", json=body, timeout=30)
-    assert response.status_code == 422 and field in json.dumps(response.json())
+    assert response.status_code == 422 and f"{field}: " in _error(response)["message"]
 
 
 def test_bearer_key_is_enforced_when_configured(scripted_backend):
     settings = JudgeSettings(base_url=scripted_backend.url, model="judge", server_api_key="s3cret", api_key="backend-key")
     with serve_in_thread(create_app(settings)) as url:
-        assert httpx.post(f"{url}/v1/judge", json=ITEM, timeout=30).status_code == 401
+        missing = httpx.post(f"{url}/v1/judge", json=ITEM, timeout=30)
+        assert missing.status_code == 401 and _error(missing)["type"] == "authentication_error"
         assert httpx.post(f"{url}/v1/judge", json=ITEM, headers={"Authorization": "Bearer backend-key"}).status_code == 401
         ok = httpx.post(f"{url}/v1/judge", json=ITEM, headers={"Authorization": "Bearer s3cret"}, timeout=30)
         assert ok.status_code == 200
         assert httpx.get(f"{url}/health").status_code == 200  # liveness stays open
+
+
+def test_a_body_over_the_limit_is_413_before_parsing(judge_url):
+    reply = httpx.post(judge_url + "/v1/judge", content=b'{"instruction": "' + b"x" * 5000 + b'"}',
+                       headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+    assert reply.status_code == 413 and "max_body_bytes" in _error(reply)["message"]

@@ -1,6 +1,7 @@
 """The reward HTTP API over real HTTP against `grace serve reward` (tiny models, small limits)."""
 
 import concurrent.futures
+import re
 
 import httpx
 import pytest
@@ -19,8 +20,17 @@ def api(reward_service):
         yield client
 
 
-def _loc(reply) -> list[list]:
-    return [e["loc"] for e in reply.json()["detail"]]
+def _error(reply) -> dict:
+    """OpenAI's error shape, ``code`` the HTTP status."""
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == reply.status_code, error
+    return error
+
+
+def _names(reply, loc: list) -> bool:
+    """The 422 message names the field: ``["body", "groups", 0, "query"]`` as ``groups.0.query: ...``."""
+    field = ".".join(map(str, loc[1:]))
+    return re.search(rf"(^|; ){re.escape(field)}: ", _error(reply)["message"]) is not None
 
 
 def test_health_ready_docs_and_metrics(api):
@@ -102,8 +112,8 @@ def test_calibrate_needs_no_model_and_matches_score(api):
 def test_score_rejects_bad_bodies_naming_the_field(api, body, loc):
     reply = api.post("/v1/score", json=body)
     assert reply.status_code == 422, reply.text
-    assert loc in _loc(reply)
-    assert all(e["msg"] for e in reply.json()["detail"])
+    assert _names(reply, loc), reply.text
+    assert _error(reply)["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize(
@@ -117,7 +127,7 @@ def test_score_rejects_bad_bodies_naming_the_field(api, body, loc):
 def test_calibrate_rejects_bad_items_naming_the_field(api, item, loc_tail):
     reply = api.post("/v1/calibrate", json={"groups": [{"responses": [item]}]})
     assert reply.status_code == 422, reply.text
-    assert ["body", "groups", 0, "responses", 0, *loc_tail] in _loc(reply)
+    assert _names(reply, ["body", "groups", 0, "responses", 0, *loc_tail]), reply.text
 
 
 def test_non_finite_metrics_are_422_not_500(api):
@@ -126,21 +136,21 @@ def test_non_finite_metrics_are_422_not_500(api):
         "1.0", "NaN", 1
     )
     reply = api.post("/v1/calibrate", content=raw, headers={"content-type": "application/json"})
-    assert reply.status_code == 422 and ["body", "groups", 0, "responses", 0, "metrics"] in _loc(reply)
+    assert reply.status_code == 422 and _names(reply, ["body", "groups", 0, "responses", 0, "metrics"]), reply.text
 
 
 @pytest.mark.parametrize("raw", ['{"groups": [', "not json", '{"groups": [{"query": "q", "responses": ["a",]}]}', ""])
 def test_malformed_json_is_a_4xx_with_a_message(api, raw):
     reply = api.post("/v1/score", content=raw, headers={"content-type": "application/json"})
     assert reply.status_code in (400, 422), reply.text
-    assert reply.json()["detail"]
+    assert _error(reply)["message"]
 
 
 def test_oversize_body_is_413(api, reward_service):
     limit = reward_service.limits["max_body_bytes"]
     big = {"groups": [{"query": "q", "responses": ["x" * (limit + 10)]}]}
     reply = api.post("/v1/score", json=big)
-    assert reply.status_code == 413 and "max_body_bytes" in reply.json()["detail"]
+    assert reply.status_code == 413 and "max_body_bytes" in _error(reply)["message"]
 
     def chunks():  # no Content-Length: counted while streaming
         for _ in range(limit // 1000 + 2):
@@ -156,6 +166,7 @@ def test_api_key_is_required_when_configured(reward_service):
         assert client.post("/v1/calibrate", json=body).status_code == 401
         wrong = client.post("/v1/calibrate", json=body, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+        assert _error(wrong)["type"] == "authentication_error"
         assert client.post("/v1/calibrate", json=body, headers=reward_service.headers).status_code == 200
         assert client.get("/health").status_code == 200  # probes stay open
 
@@ -176,4 +187,4 @@ def test_excess_concurrent_requests_get_503_with_retry_after(reward_service):
     assert codes.count(200) >= 2 and 503 in codes, codes
     busy = next(r for r in replies if r.status_code == 503)
     assert busy.headers["retry-after"] == str(reward_service.limits["retry_after_s"])
-    assert "queue" in busy.json()["detail"]
+    assert "queue" in _error(busy)["message"] and _error(busy)["type"] == "service_unavailable"

@@ -29,7 +29,8 @@ def test_bearer_key_is_required(rollout_service):
     with openai.OpenAI(base_url=rollout_service.openai_base_url, api_key="wrong", max_retries=0) as wrong:
         with pytest.raises(openai.AuthenticationError):
             wrong.models.list()
-    assert httpx.get(rollout_service.base_url + "/admin/adapters", timeout=10).status_code == 401
+    reply = httpx.get(rollout_service.base_url + "/admin/adapters", timeout=10)
+    assert reply.status_code == 401 and reply.json()["error"]["type"] == "authentication_error"
 
 
 def test_chat_with_n_responses(client):
@@ -81,9 +82,9 @@ def test_limits_answer_4xx_with_the_field(rollout_service):
     reply = httpx.post(url + "/completions", headers=headers, json={"model": "policy", "prompt": "x", "n": 17}, timeout=30)
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "n"
     reply = httpx.post(url + "/completions", headers=headers, json={"model": "policy", "prompt": "x" * 1_100_000}, timeout=30)
-    assert reply.status_code == 413
+    assert reply.status_code == 413 and "max_body_bytes" in reply.json()["error"]["message"]
     reply = httpx.post(url + "/load_lora_adapter", headers=headers, json={"lora_name": "x", "lora_path": "/tmp"}, timeout=30)
-    assert reply.status_code == 404  # vLLM's own admin route is not exposed
+    assert reply.status_code == 404 and reply.json()["error"]["type"] == "not_found_error"  # vLLM's admin route: hidden
 
 
 def test_many_seeded_long_prompts_at_once(rollout_service):
@@ -115,7 +116,7 @@ def test_rope_endpoint_reports_the_served_setting_and_runs_are_checked_against_i
     """One RoPE setting per run (paper 3.6): the gateway reports what vLLM serves; a run with other values is refused."""
     import asyncio
 
-    from services.rollout.rope_check import check_run_rope
+    from services.orchestrator.rope_check import check_run_rope
     from shared.rope import RopeConfig, RopeMismatch
     from shared.runs import RunConfig
 
