@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-gpu test demo lint clean
+.PHONY: setup setup-gpu test test-unit demo lint clean
 
 setup:
 	bash scripts/setup.sh
@@ -13,6 +13,13 @@ setup-gpu:
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the pure-logic tests alone (no Redis, vLLM or models): seconds
+test-unit: setup
+	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check services shared tests
 
 demo: setup
 	$(VENV)/bin/grace demo

@@ -23,7 +23,6 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from shared.rope import RopeConfig, RopeScope
 
-
 # ``load_settings(cls, file)``: the YAML file for settings built in this context instead of $GRACE_CONFIG
 _CONFIG_FILE: ContextVar[str | None] = ContextVar("grace_config_file", default=None)
 

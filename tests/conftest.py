@@ -49,3 +49,19 @@ def tiny_models():
     return ensure_model_set("tiny")
 
 
+
+
+# A test that uses one of these starts real processes or loads models: it is an integration test.
+INTEGRATION_FIXTURES = {
+    "redis_url", "redis_client", "tiny_models", "rollout_service", "reward_service", "reward_scorer",
+    "judge_service", "backend", "trainer_settings", "trainer_policy", "lora_factory",
+}  # fmt: skip
+# Modules whose tests start processes or build models without those fixtures.
+INTEGRATION_MODULES = {"test_readme.py", "test_cli.py", "test_tiny_models.py", "test_e2e.py", "test_experiment.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks integration tests, so `pytest -m "not integration"` (`make test-unit`) runs the pure logic alone."""
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)

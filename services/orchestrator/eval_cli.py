@@ -95,8 +95,8 @@ def context(
     dtype: str = typer.Option("auto", help="auto | bf16 | fp32"),
 ) -> None:
     """Table 3: perplexity and generated length at 1x/2x/4x the native window, per rope scaling method."""
-    from services.orchestrator.context import METHODS, ContextOptions, run_context
     from services.judge.config import JudgeSettings
+    from services.orchestrator.context import METHODS, ContextOptions, run_context
 
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in method_list if m not in METHODS]

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import httpx
 
-from services.orchestrator import report
 from services.judge.client import retry_after_seconds
+from services.orchestrator import report
 from shared.jsonl import read_queries
 from shared.parsing import extract_structured
 from shared.prompts import chat_messages

@@ -41,9 +41,9 @@ import torch
 from services.reward import metrics as M
 from services.reward.calibration import calibrate
 from shared.jsonl import read_queries
-from shared.throughput import matmul_flops_per_s
 from shared.parsing import extract_structured
 from shared.schemas import Metrics
+from shared.throughput import matmul_flops_per_s
 
 log = logging.getLogger(__name__)
 DATA = Path(__file__).resolve().parents[2] / "data"

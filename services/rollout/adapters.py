@@ -22,11 +22,10 @@ from pathlib import Path
 import httpx
 import redis
 
+from services.rollout.registry import AdapterRecord, AdapterRegistry
 from shared.adapters import ADAPTER_FILES, AdapterStore, adapter_checksum, adapter_rank
 from shared.schemas import STREAM_ADAPTERS, AdapterEvent, AdapterStatus
 from shared.streams import StreamConsumer, StreamEntry, prune_idle_groups, publish
-
-from services.rollout.registry import AdapterRecord, AdapterRegistry
 
 log = logging.getLogger(__name__)
 

@@ -97,8 +97,8 @@ class Workload:
 
 
 def make_workload(config: BenchConfig) -> Workload:
-    from shared.prompts import chat_messages
     from shared.jsonl import read_queries
+    from shared.prompts import chat_messages
 
     queries = read_queries(Path(__file__).resolve().parents[2] / "data" / "test_queries.jsonl")
     picked = [queries[i % len(queries)]["query"] for i in range(config.queries)]

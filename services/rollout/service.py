@@ -15,12 +15,11 @@ import threading
 import time
 from pathlib import Path
 
+from services.rollout.config import RolloutSettings
+from services.rollout.registry import AdapterRegistry
 from shared.local_redis import connect, free_port
 from shared.process import ServiceProcess
 from shared.settings import grace_home
-
-from services.rollout.config import RolloutSettings
-from services.rollout.registry import AdapterRegistry
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,8 @@ from __future__ import annotations
 import json
 import sys
 
-from shared.tiny_models import native_window, yarn_rope_parameters
-
 from services.rollout.config import RolloutSettings
+from shared.tiny_models import native_window, yarn_rope_parameters
 
 CPU_KV_CACHE_BYTES = "256M"
 CPU_MIN_BATCHED_TOKENS = 2048  # vLLM's CPU default budget per step

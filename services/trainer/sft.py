@@ -260,8 +260,8 @@ class QueryGenerationExamples:
         self.targets = targets
 
     def draw(self, rng: random.Random) -> list[tuple[list[dict[str, str]], str]]:
-        from shared.queries import prompt_lang, sample_examples
         from shared.prompts import query_generation_prompt
+        from shared.queries import prompt_lang, sample_examples
 
         turns = []
         for _ in range(self.per_epoch):

@@ -691,13 +691,17 @@ def test_k8s_cpu_reward_variant_renders_with_kustomize(tmp_path):
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl not installed: the component is checked by the offline patch above only")
-    rel = lambda p: str(Path(os.path.relpath(p, tmp_path)))
+    def rel(path: Path) -> str:
+        return str(Path(os.path.relpath(path, tmp_path)))
+
     (tmp_path / "kustomization.yaml").write_text(
         yaml.safe_dump({"resources": [rel(K8S_DIR)], "components": [rel(CPU_VARIANT_K8S)]})
     )
     rendered = subprocess.run([kubectl, "kustomize", str(tmp_path)], capture_output=True, text=True, check=True).stdout
     objects = [d for d in yaml.safe_load_all(rendered) if d]
-    key = lambda o: (o["kind"], o["metadata"]["name"])
+    def key(o: dict) -> tuple[str, str]:
+        return o["kind"], o["metadata"]["name"]
+
     offline = {key(o): o for o in k8s_objects_with_cpu_reward()}
     assert sorted(map(key, objects)) == sorted(offline)
     for obj in objects:
@@ -891,7 +895,7 @@ def test_one_port_per_service_everywhere():
         exposed = {int(p) for line in DOCKERFILES[name].read_text().splitlines() if line.startswith("EXPOSE") for p in line.split()[1:]}
         assert port in exposed, f"{name}: not exposed by {DOCKERFILES[name].name}"
     for dockerfile in set(DOCKERFILES.values()):
-        cmd = json.loads(next(l for l in dockerfile.read_text().splitlines() if l.startswith("CMD "))[4:])
+        cmd = json.loads(next(line for line in dockerfile.read_text().splitlines() if line.startswith("CMD "))[4:])
         assert arg_after(cmd, "--port") == str(HTTP_PORTS[cmd[2]]), f"{dockerfile.name}: CMD"
     # clients' defaults: the judge's backend is the rollout; eval talks to rollout, reward and judge
     assert _url_port(settings_class("judge").model_fields["base_url"].default) == HTTP_PORTS["rollout"]

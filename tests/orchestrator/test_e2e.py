@@ -5,14 +5,13 @@ trainer worker, the judge, each a separate process over HTTP/Redis."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import redis
 
 from services.orchestrator.loop import RunOptions, SemiOnlineRun
 from services.orchestrator.stack import LocalStack, StackConfig
-from pathlib import Path
-
 from shared.jsonl import read_queries
 from shared.parsing import normalize_query
 from shared.runs import RunConfig, read_samples_file, samples_file

@@ -4,8 +4,6 @@ import random
 
 import pytest
 
-from shared.parsing import normalize_query
-from shared.queries import SeedQuery, prompt_lang, sample_examples
 from services.orchestrator.queries import (
     accept_queries,
     drop_heldout,
@@ -13,6 +11,8 @@ from services.orchestrator.queries import (
     group_id,
     group_seed,
 )
+from shared.parsing import normalize_query
+from shared.queries import SeedQuery, prompt_lang, sample_examples
 
 SEEDS = [SeedQuery(f"Write a report on topic {i}", "en" if i % 2 else "zh", f"s{i}") for i in range(10)]
 

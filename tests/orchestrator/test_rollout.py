@@ -7,11 +7,11 @@ import time
 import httpx
 import pytest
 
-from shared.parsing import normalize_query
-from shared.schemas import STREAM_ROLLOUTS, IterationComplete, RolloutGroup, decode_message
-from services.rollout.config import RolloutSettings
 from services.orchestrator.rollout import RolloutWorker, run_iteration
+from services.rollout.config import RolloutSettings
+from shared.parsing import normalize_query
 from shared.queries import load_queries
+from shared.schemas import STREAM_ROLLOUTS, IterationComplete, RolloutGroup, decode_message
 
 
 def _settings(rollout_service, run_id, **extra):

@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 
-from shared.adapters import AdapterStore
-from shared.schemas import AdapterEvent
 from services.rollout.adapters import served_name, validate_adapter
 from services.rollout.bench import RandomLora
+from shared.adapters import AdapterStore
+from shared.schemas import AdapterEvent
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import httpx
 import openai
 import redis
 
-from shared.schemas import STREAM_ADAPTERS, AdapterEvent
-from shared.streams import publish
 from services.rollout.adapters import AdapterManager
 from services.rollout.registry import AdapterRegistry
+from shared.schemas import STREAM_ADAPTERS, AdapterEvent
+from shared.streams import publish
 from tests.fixtures.rollout import wait_adapter_status
 
 PROMPT = "The quarterly report on state owned assets"

@@ -1,8 +1,8 @@
 from typing import ClassVar
 
 import pytest
-from safetensors.torch import save_file
 import torch
+from safetensors.torch import save_file
 
 from shared.adapters import AdapterStore, adapter_checksum, adapter_rank
 from shared.local_redis import LocalRedis

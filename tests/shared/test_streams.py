@@ -1,15 +1,13 @@
 """Stream helpers against a real Redis server."""
 
+import json
 import multiprocessing
 import os
 import signal
 import time
 
-import redis
-
-import json
-
 import pytest
+import redis
 
 from shared.schemas import STREAM_ROLLOUTS, RolloutGroup, WeightedSample, entry_identity
 from shared.streams import StreamConsumer, prune_idle_groups, publish

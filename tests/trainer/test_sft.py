@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-
 import random
 import re
+import subprocess
+import sys
 
 from services.trainer.sft import QueryGenerationExamples, condense, probe_queries
 from shared.parsing import extract_structured, parse_query_list
@@ -35,8 +34,8 @@ def test_condense_cuts_each_section_and_keeps_the_tags(tiny_models):
 
 
 def test_query_generation_turns_look_like_the_rollouts_generation_request(tmp_path):
-    from services.rollout.config import RolloutSettings
     from services.orchestrator.rollout import query_list_regex
+    from services.rollout.config import RolloutSettings
 
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text("\n".join(json.dumps({"query": f"Write report {i} on topic {i}", "lang": "en"}) for i in range(7)))

@@ -17,11 +17,10 @@ import redis
 
 from services.trainer.state import TrainerState
 from services.trainer.worker import TrainerWorker
-from shared.adapters import adapter_version
-from shared.adapters import AdapterStore, adapter_checksum
+from shared.adapters import AdapterStore, adapter_checksum, adapter_version
 from shared.process import ServiceProcess
-from shared.schemas import STREAM_ADAPTERS, STREAM_SAMPLES, AdapterEvent, IterationComplete, WeightedSample, decode_message
 from shared.runs import read_samples_file, samples_file
+from shared.schemas import STREAM_ADAPTERS, STREAM_SAMPLES, AdapterEvent, IterationComplete, WeightedSample, decode_message
 from shared.streams import publish
 from tests.fixtures.trainer import trainer_env
 
