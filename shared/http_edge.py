@@ -14,12 +14,69 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
 KINDS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error",
          500: "server_error", 502: "upstream_error", 503: "service_unavailable"}  # fmt: skip
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="what is wrong; a 422 names each field: 'groups.0.responses: ...'")
+    type: str = Field(description="invalid_request_error, authentication_error, service_unavailable, ...")
+    param: str | None = Field(None, description="the request field at fault, if one is")
+    code: int = Field(description="the HTTP status")
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, the shape of every error the services answer."""
+
+    error: ErrorDetail
+
+
+ERRORS = {
+    400: "bad request: a body that is not JSON, or a value the route refuses (the message says which)",
+    401: "missing or wrong bearer API key",
+    404: "not found",
+    413: "request body larger than max_body_bytes",
+    422: "invalid request: the message names each field at fault",
+    429: "too many requests in flight",
+    502: "the upstream backend failed (the message says why)",
+    503: "not ready or busy; retry after Retry-After seconds when given",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route: each status documented with OpenAI's error body."""
+    return {code: {"model": ErrorResponse, "description": ERRORS[code]} for code in codes}
+
+
+def limit_schema(app: FastAPI, limits: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Puts limits that are settings into ``app``'s OpenAPI schema, so a schema-valid request is within them.
+
+    ``limits``: component name -> property -> JSON-schema keywords merged into it (``items`` merged into
+    the item schema), e.g. ``{"ScoreRequest": {"groups": {"maxItems": 64}}}``. The routes validate the same
+    limits themselves, with messages that name the setting.
+    """
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            components = schema.get("components", {}).get("schemas", {})
+            for name, properties in limits.items():
+                for prop, keywords in properties.items():
+                    target = components[name]["properties"][prop]
+                    keywords = dict(keywords)
+                    if "items" in keywords:
+                        target.setdefault("items", {}).update(keywords.pop("items"))
+                    target.update(keywords)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class APIError(HTTPException):
@@ -80,12 +137,17 @@ _bearer = HTTPBearer(auto_error=False, description="the service's API key, when 
 
 
 def bearer_key(key: str | None) -> Callable[..., None]:
-    """A dependency: 401 unless ``Authorization: Bearer <key>`` (constant-time); open when ``key`` is unset."""
-    expected = key.encode() if key else None
+    """A dependency: 401 unless ``Authorization: Bearer <key>`` (constant-time); open when ``key`` is unset,
+    and then the OpenAPI schema declares no security either."""
+    if not key:
+
+        def open_access() -> None:
+            return None
+
+        return open_access
+    expected = key.encode()
 
     def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-        if expected is None:
-            return
         given = credentials.credentials.encode() if credentials else b""
         if not secrets.compare_digest(given, expected):
             raise APIError(401, "missing or wrong bearer API key", headers={"WWW-Authenticate": "Bearer"})

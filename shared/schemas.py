@@ -196,10 +196,23 @@ class ScoreResponse(BaseModel):
     groups: list[GroupResult]
 
 
+class MetricsInput(Metrics):
+    """Metrics sent to /v1/calibrate: numbers only (no true/false as 1/0), no unknown keys, as the schema says."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
 class CalibrateItem(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # the schema says what check_calibrate_body enforces: parsed=true needs metrics
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "if": {"properties": {"parsed": {"const": True}}},
+            "then": {"required": ["metrics"], "properties": {"metrics": {"type": "object"}}},
+        },
+    )
     parsed: bool
-    metrics: Metrics | None = None
+    metrics: MetricsInput | None = None
 
 
 class CalibrateGroup(BaseModel):

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 
 from services.judge.client import JudgeBackendError, JudgeClient
 from services.judge.config import JudgeSettings
-from shared.http_edge import APIError, BodyLimit, bearer_key, field_error, install_error_handlers
+from shared.http_edge import APIError, BodyLimit, bearer_key, error_responses, field_error, install_error_handlers, limit_schema
 from shared.schemas import JudgeBatchItem, JudgeBatchRequest, JudgeBatchResponse, JudgeRequest, JudgeResult
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,12 @@ def create_app(settings: JudgeSettings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     authorized = [Depends(bearer_key(settings.server_api_key_value()))]
+    errors = error_responses(400, *([401] if settings.server_api_key_value() else []), 413, 422)
+    too_long = {"maxLength": settings.max_input_chars}
+    limit_schema(app, {
+        "JudgeRequest": {"instruction": too_long, "response": too_long},
+        "JudgeBatchRequest": {"items": {"maxItems": settings.max_batch_items}},
+    })  # fmt: skip
 
     def check_sizes(item: JudgeRequest, where: tuple) -> None:
         for field in ("instruction", "response"):
@@ -49,7 +55,7 @@ def create_app(settings: JudgeSettings | None = None) -> FastAPI:
     async def health() -> dict:
         return {"status": "ok", "model": settings.model}
 
-    @app.post("/v1/judge", dependencies=authorized)
+    @app.post("/v1/judge", dependencies=authorized, responses={**errors, **error_responses(502)})
     async def judge(body: JudgeRequest) -> JudgeResult:
         check_sizes(body, ())
         started = time.perf_counter()
@@ -61,7 +67,7 @@ def create_app(settings: JudgeSettings | None = None) -> FastAPI:
         log.info("event=judged score=%.1f seconds=%.2f", result.score, time.perf_counter() - started)
         return result
 
-    @app.post("/v1/judge/batch", dependencies=authorized)
+    @app.post("/v1/judge/batch", dependencies=authorized, responses=errors)
     async def judge_batch(body: JudgeBatchRequest) -> JudgeBatchResponse:
         if len(body.items) > settings.max_batch_items:
             too_many = f"more than {settings.max_batch_items} items"

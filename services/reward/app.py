@@ -18,13 +18,13 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.reward.config import RewardSettings
 from services.reward.scorer import ComputeStats, Scorer, score_response
 from services.reward.telemetry import Telemetry
-from shared.http_edge import APIError, BodyLimit, bearer_key, field_error, install_error_handlers
+from shared.http_edge import APIError, BodyLimit, bearer_key, error_responses, field_error, install_error_handlers, limit_schema
 from shared.schemas import CalibrateRequest, ScoreRequest, ScoreResponse
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,16 @@ def create_app(settings: RewardSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.state.reward = state
     authorized = [Depends(bearer_key(settings.api_key_value()))]
+    errors = error_responses(400, *([401] if settings.api_key_value() else []), 413, 422)
+    limit_schema(app, {
+        "ScoreRequest": {"groups": {"maxItems": settings.max_groups}},
+        "ScoreGroup": {
+            "query": {"maxLength": settings.max_query_chars},
+            "responses": {"maxItems": settings.max_responses, "items": {"maxLength": settings.max_response_chars}},
+        },
+        "CalibrateRequest": {"groups": {"maxItems": settings.max_groups}},
+        "CalibrateGroup": {"responses": {"maxItems": settings.max_responses}},
+    })  # fmt: skip
 
     def unavailable(detail: str) -> APIError:
         telemetry.rejected.inc()
@@ -189,7 +199,11 @@ def create_app(settings: RewardSettings | None = None) -> FastAPI:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["ops"])
+    not_ready = {"description": "models loading, or loading failed", "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"status": {"enum": ["loading", "failed"]}, "error": {"type": ["string", "null"]}},
+    }}}}  # fmt: skip
+
+    @app.get("/ready", tags=["ops"], responses={503: not_ready})
     def ready() -> JSONResponse:
         """Readiness: 200 once the models are loaded, 503 while loading or if loading failed."""
         if state.scorer is not None:
@@ -199,12 +213,15 @@ def create_app(settings: RewardSettings | None = None) -> FastAPI:
         status = "failed" if state.load_error else "loading"
         return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     def metrics() -> Response:
-        """Prometheus metrics."""
+        """Prometheus metrics, in Prometheus' text format."""
         return Response(generate_latest(telemetry.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/score", response_model=ScoreResponse, tags=["reward"], dependencies=authorized)
+    @app.post(
+        "/v1/score", response_model=ScoreResponse, tags=["reward"], dependencies=authorized,
+        responses={**errors, **error_responses(503)},
+    )  # fmt: skip
     async def score(body: ScoreRequest) -> ScoreResponse:
         """Scores every response (metrics of paper 3.3), then calibrates the request's groups as one dataset (eq. 5-9)."""
         check_score_limits(body, settings)
@@ -233,7 +250,7 @@ def create_app(settings: RewardSettings | None = None) -> FastAPI:
                 item.finish_reason = finish
         return response
 
-    @app.post("/v1/calibrate", response_model=ScoreResponse, tags=["reward"], dependencies=authorized)
+    @app.post("/v1/calibrate", response_model=ScoreResponse, tags=["reward"], dependencies=authorized, responses=errors)
     def calibrate(body: CalibrateRequest) -> ScoreResponse:
         """Rank-sum, group Z and global weights (eq. 5-9) for metrics computed elsewhere; no model needed."""
         check_calibrate_body(body, settings)

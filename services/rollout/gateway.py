@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from services.rollout.config import RolloutSettings
 from services.rollout.registry import AdapterRegistry
-from shared.http_edge import APIError, BodyLimit, bearer_key, install_error_handlers
+from shared.http_edge import APIError, BodyLimit, bearer_key, error_responses, install_error_handlers
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,24 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     authorized = [Depends(bearer_key(settings.api_key_value()))]
+    auth_errors = error_responses(401) if settings.api_key_value() else {}
+    status = {"type": "object", "properties": {"status": {"type": "string"}, "policy": {"type": "string"}}}
+    unhealthy = {"description": "starting, or vLLM unhealthy", "content": {"application/json": {"schema": status}}}
+    # The proxied routes: the gateway reads `model` and `n`, vLLM the rest of the body (its own contract).
+    proxied_body = {"type": "object", "additionalProperties": True, "properties": {
+        "model": {"type": "string", "description": f"'{settings.policy_name}' = the newest adapter; other names pass through"},
+        "n": {"type": "integer", "minimum": 1, "maximum": settings.max_n, "description": "responses per prompt"},
+    }}  # fmt: skip
+    proxied = {
+        "openapi_extra": {"requestBody": {"required": True, "content": {"application/json": {"schema": proxied_body}}}},
+        "responses": {
+            200: {"description": "vLLM's answer, passed through (JSON, or server-sent events when streaming)",
+                  "content": {"application/json": {}, "text/event-stream": {}}},
+            **auth_errors, **error_responses(400, 404, 413, 429, 502),
+        },
+    }  # fmt: skip
 
-    @app.get("/health")
+    @app.get("/health", responses={503: unhealthy})
     async def health(request: Request) -> JSONResponse:
         """200 only while vLLM itself is healthy (readiness and liveness on the users' port)."""
         if not ready():
@@ -90,16 +106,16 @@ def create_app(
         body = {"status": "ok" if ok else "unavailable", "policy": registry.current.version}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/admin/adapters", dependencies=authorized)
+    @app.get("/admin/adapters", dependencies=authorized, responses=auth_errors)
     async def admin_adapters() -> dict:
         return {"policy": settings.policy_name, "replica": settings.replica, **registry.snapshot()}
 
-    @app.get("/admin/rope", dependencies=authorized)
+    @app.get("/admin/rope", dependencies=authorized, responses=auth_errors)
     async def admin_rope() -> dict:
         """The RoPE setting this replica serves (paper 3.6), for a run to check against (``rope_check``)."""
         return {"replica": settings.replica, **settings.rope().model_dump()}
 
-    @app.get("/v1/models", dependencies=authorized)
+    @app.get("/v1/models", dependencies=authorized, responses={**auth_errors, **error_responses(503)})
     async def models(request: Request) -> JSONResponse:
         try:
             upstream = await request.app.state.client.get("/v1/models")
@@ -120,8 +136,17 @@ def create_app(
         listing["data"] = [card] + listing.get("data", [])
         return JSONResponse(listing)
 
-    @app.post("/v1/{path:path}", dependencies=authorized)
+    @app.post("/v1/chat/completions", dependencies=authorized, **proxied)
+    async def chat_completions(request: Request) -> UpstreamResponse:
+        return await proxy("chat/completions", request)
+
+    @app.post("/v1/completions", dependencies=authorized, **proxied)
+    async def completions(request: Request) -> UpstreamResponse:
+        return await proxy("completions", request)
+
+    @app.post("/v1/{path:path}", dependencies=authorized, **proxied)
     async def proxy(path: str, request: Request) -> UpstreamResponse:
+        """Any other POST under /v1 passes through to vLLM (its own admin routes excepted)."""
         if path in BLOCKED_PATHS:
             raise APIError(404, f"/v1/{path} is not served by the gateway")
         body = await request.body()  # at most max_body_bytes: BodyLimit answered 413 above
@@ -130,15 +155,16 @@ def create_app(
             raise APIError(429, f"more than {settings.max_in_flight} requests in flight")
 
         payload = _json_object(body)
+        if payload is None:  # vLLM would answer FastAPI's {"detail": ...}, not OpenAI's error shape
+            raise APIError(400, "request body must be a JSON object")
+        n = payload.get("n", 1)
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= settings.max_n):
+            raise APIError(400, f"n must be an integer in [1, {settings.max_n}]", param="n")
         record = None
-        if payload is not None:
-            n = payload.get("n", 1)
-            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= settings.max_n):
-                raise APIError(400, f"n must be an integer in [1, {settings.max_n}]", param="n")
-            if payload.get("model") == settings.policy_name:
-                record = registry.acquire()
-                payload["model"] = record.model
-                body = json.dumps(payload).encode()  # ASCII escapes: lone surrogates cannot break the encode
+        if payload.get("model") == settings.policy_name:
+            record = registry.acquire()
+            payload["model"] = record.model
+            body = json.dumps(payload).encode()  # ASCII escapes: lone surrogates cannot break the encode
 
         state.in_flight += 1
         closed = False
