@@ -15,17 +15,16 @@ The two modes of the paper:
 
 from __future__ import annotations
 
-from typing import Literal
-
 import math
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 import redis
 from pydantic import BaseModel, Field
 
-from shared.rope import RopeConfig
 from shared.jsonl import read_jsonl, write_jsonl
+from shared.rope import RopeConfig
 from shared.schemas import WeightedSample
 
 LOSSES = ("grace_kto", "kto", "dpo", "orpo", "sft")
@@ -42,6 +41,9 @@ class RunConfig(BaseModel):
         None, ge=1, description="query budget N (paper: 1000); the last round holds the remainder"
     )
     epochs: int | None = Field(None, ge=1, description="epochs per round (unset = the trainer's setting; paper: 1)")
+    seed: int | None = Field(
+        None, description="the run's seed: query plan, sampling, LoRA init and batch order (unset = each service's setting)"
+    )
     rope: RopeConfig | None = Field(
         None, description="the run's one RoPE setting (paper 3.6); every service refuses a run that differs from its own "
         "(None = recorded before runs carried it: not checked)",

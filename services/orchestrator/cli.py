@@ -1,4 +1,4 @@
-"""`grace stack up`, `grace run`, `grace demo`, `grace rollout-iteration`, `grace plan`, `grace eval`
+"""`grace stack up`, `grace run`, `grace demo`, `grace experiment`, `grace rollout-iteration`, `grace plan`, `grace eval`
 (heavy imports stay inside the functions)."""
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ def rollout_iteration(
     import json
     import logging
 
-    from services.rollout.config import RolloutSettings
     from services.orchestrator.rollout import run_iteration
+    from services.rollout.config import RolloutSettings
     from shared.local_redis import connect
 
     for name in ("httpx", "httpx2"):  # one INFO line per request otherwise
@@ -114,8 +114,36 @@ def rollout_iteration(
     typer.echo(json.dumps(result.__dict__))
 
 
+def experiment(
+    name: str = typer.Option("experiment", "--name", help="experiment id: outputs in <run-root>/<name>/, cells <name>-<method>-s<seed>"),
+    methods: str = typer.Option("sft,kto,dpo,orpo,grace_offline,grace", help="comma-separated methods (grpo: not yet)"),
+    seeds: int = typer.Option(3, min=1, help="seeds per method (S)"),
+    total_queries: Optional[int] = typer.Option(24, "--total-queries", "-n", min=0, help="query budget N of every method (0: K x --iterations)"),
+    k: int = typer.Option(8, "-k", help="K queries per semi-online round: ceil(N/K) rounds"),
+    m: int = typer.Option(8, "-m", help="m responses per query"),
+    iterations: int = typer.Option(3, help="semi-online rounds when --total-queries is 0 (N = K x rounds)"),
+    epochs: Optional[int] = typer.Option(None, min=1, help="epochs per round (default: the trainer's setting)"),
+    eval_limit: int = typer.Option(12, help="held-out queries evaluated per policy (0: all)"),
+    eval_n: int = typer.Option(4, help="samples per held-out query"),
+    stack_dir: Optional[Path] = typer.Option(None, help="use this running stack (its stack.json); default: bring up the tiny stack"),
+    run_root: Path = typer.Option(Path("runs"), help="outputs go to <run-root>/<name>/"),
+    sft_dir: Path = typer.Option(Path("runs/demo"), help="own tiny stack: the demo's SFT policy is built or reused here"),
+) -> None:
+    """The paper's comparison: every method, same budget, S seeds; table, paired test, figures; last line JSON."""
+    import json
+
+    from services.orchestrator.experiment import ExperimentOptions, run_experiment
+
+    options = ExperimentOptions(
+        name=name, methods=tuple(x.strip() for x in methods.split(",") if x.strip()), seeds=seeds,
+        total_queries=total_queries or None, k=k, m=m, iterations=iterations, epochs=epochs, eval_limit=eval_limit or None,
+        eval_n=eval_n, run_root=run_root, stack_dir=stack_dir, sft_dir=sft_dir,
+    )  # fmt: skip
+    typer.echo(json.dumps(run_experiment(options)))
+
+
 from services.orchestrator.eval_cli import eval_app  # noqa: E402  (heavy imports stay inside its functions)
 from services.orchestrator.plan_cli import plan  # noqa: E402
 
-COMMANDS = {"run": run, "demo": demo, "plan": plan, "rollout-iteration": rollout_iteration}
+COMMANDS = {"run": run, "demo": demo, "experiment": experiment, "plan": plan, "rollout-iteration": rollout_iteration}
 GROUPS = {"stack": stack_app, "eval": eval_app}

@@ -36,8 +36,8 @@ from shared.schemas import FINISH_TRUNCATED
 from shared.settings import load_settings
 
 if TYPE_CHECKING:
-    from services.rollout.config import RolloutSettings
     from services.orchestrator.rollout import IterationResult
+    from services.rollout.config import RolloutSettings
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ class RunOptions:
     eval_limit: int | None = 8
     eval_max_tokens: int | None = None  # None = the window minus the prompt, as in sampling
     eval_temperature: float = 0.7
+    eval_n: int = 1  # samples per held-out query
+    eval_seed: int | None = 0  # base sampling seed of the evaluation (each query adds its index)
     stage_timeout_s: float = 3600.0
     judge: bool = False
 
@@ -178,6 +180,8 @@ class SemiOnlineRun:
                 judge=self.options.judge,
                 max_tokens=self.options.eval_max_tokens,
                 temperature=self.options.eval_temperature,
+                n=self.options.eval_n,
+                seed=self.options.eval_seed,
             )
             summary = run_eval(opts, progress=False)
         values = summary["policies"][label]

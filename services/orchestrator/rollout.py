@@ -37,15 +37,6 @@ import httpx
 import openai
 import redis
 
-from shared.queries import SeedQuery, load_queries, prompt_lang, sample_examples
-from shared.parsing import extract_structured, normalize_query, parse_query_list
-from shared.prompts import chat_messages, query_generation_prompt
-from shared.runs import load_run_config
-from shared.schemas import FINISH_TRUNCATED, STREAM_ROLLOUTS, IterationComplete, QuerySource, RolloutGroup, encode_message
-from shared.streams import as_text
-
-from services.rollout.config import RolloutSettings
-from services.orchestrator.rope_check import check_run_rope
 from services.orchestrator.queries import (
     PlannedQuery,
     accept_queries,
@@ -54,6 +45,14 @@ from services.orchestrator.queries import (
     group_id,
     group_seed,
 )
+from services.orchestrator.rope_check import check_run_rope
+from services.rollout.config import RolloutSettings
+from shared.parsing import extract_structured, normalize_query, parse_query_list
+from shared.prompts import chat_messages, query_generation_prompt
+from shared.queries import SeedQuery, load_queries, prompt_lang, sample_examples
+from shared.runs import load_run_config
+from shared.schemas import FINISH_TRUNCATED, STREAM_ROLLOUTS, IterationComplete, QuerySource, RolloutGroup, encode_message
+from shared.streams import as_text
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +250,8 @@ class RolloutWorker:
     ) -> IterationResult:
         started = time.perf_counter()
         run_config = load_run_config(self.redis, self.run_id)
+        if run_config is not None and run_config.seed is not None:  # the run's seed: plan rng and group seeds
+            self.settings = self.settings.model_copy(update={"seed": run_config.seed})
         await check_run_rope(self.gateway_url, self._api_key, run_config, fallback=self.settings.rope())
         k = k or (run_config.queries_in(iteration) if run_config else self.settings.queries_per_iteration)
         m = m or (run_config.responses_per_query if run_config else self.settings.responses_per_query)

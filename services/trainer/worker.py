@@ -33,7 +33,13 @@ from shared.adapters import VERSION_RE, AdapterStore, adapter_checksum, adapter_
 from shared.rope import RopeMismatch, check_rope
 from shared.runs import RunConfig, load_run_config, samples_file, write_samples_file
 from shared.schemas import (
-    STREAM_ADAPTERS, STREAM_SAMPLES, AdapterEvent, IterationComplete, WeightedSample, decode_message, entry_identity,
+    STREAM_ADAPTERS,
+    STREAM_SAMPLES,
+    AdapterEvent,
+    IterationComplete,
+    WeightedSample,
+    decode_message,
+    entry_identity,
 )  # fmt: skip
 from shared.streams import StreamConsumer, StreamEntry, publish
 
@@ -170,13 +176,14 @@ class TrainerWorker:
             checksum = adapter_checksum(path)
         else:
             path, checksum, summary = self._train_and_write(run_id, iteration, version, samples, loss)
+        # before the event: whoever sees the adapter served finds the file of what trained it
+        write_samples_file(samples_file(self.settings.run_root, run_id, iteration), samples)
         if not self.state.is_published(run_id, version):
             event = AdapterEvent(run_id=run_id, iteration=iteration, version=version, path=str(path),
                                  checksum=checksum, rank=adapter_rank(path), loss=loss)  # fmt: skip
             publish(self.client, STREAM_ADAPTERS, event)
             self.state.mark_published(run_id, version)
             log.info("event=adapter_published run=%s version=%s checksum=%s", run_id, version, checksum[:12])
-        write_samples_file(samples_file(self.settings.run_root, run_id, iteration), samples)
         record = {"version": version, "path": str(path), "checksum": checksum, "samples": len(samples),
                   "dropped": len(dropped), "loss": loss, **summary}  # fmt: skip
         self.state.mark_done(run_id, iteration, record)
@@ -194,7 +201,9 @@ class TrainerWorker:
         if start is not None:
             load_adapter_weights(model, start)
         else:
-            reset_adapter(model, self.settings.seed + iteration)
+            run_config = load_run_config(self.client, run_id)
+            seed = run_config.seed if run_config is not None and run_config.seed is not None else self.settings.seed
+            reset_adapter(model, seed + iteration)
         log.info("event=iteration_training run=%s iteration=%d samples=%d loss=%s start=%s",
                  run_id, iteration, len(samples), loss, start.name if start else "fresh")  # fmt: skip
         metrics_path = Path(self.settings.run_root) / run_id / "train_metrics.jsonl"
@@ -245,6 +254,8 @@ class TrainerWorker:
         settings = self.settings
         if run_config is not None and run_config.epochs is not None:
             settings = settings.model_copy(update={"epochs": run_config.epochs})
+        if run_config is not None and run_config.seed is not None:  # the run's seed: batch order
+            settings = settings.model_copy(update={"seed": run_config.seed})
         if settings.lr_schedule != "run":
             return Trainer(*policy[:2], settings, policy[2], loss=loss)
         if run_config is None:
