@@ -739,7 +739,7 @@ def markdown(plan: Plan) -> str:
     for row in plan.growth:
         lines.append(f"| {row['vary']} | {row['value']} | {_fmt_s(row['iteration_s'] or math.inf)} | "
                      + " | ".join(_fmt_s(row[f'{k}_s'] or math.inf) for k in ("rollout", "reward", "trainer", "eval")) + " |")  # fmt: skip
-    lines += ["", "Assumptions (constants in services/stack/plan.py, with their sources):",
+    lines += ["", "Assumptions (constants in services/orchestrator/plan.py, with their sources):",
               f"- peak {d.peak_flops / 1e12:.4g} TFLOP/s bf16 dense"
               + (f", {d.peak_flops_fp32 / 1e12:.4g} fp32" if d.peak_flops_fp32 else "")
               + f", {d.bandwidth / 1e9:.4g} GB/s, {d.memory / GB:.4g} GB;",
@@ -772,7 +772,7 @@ def plan_json(plan: Plan) -> str:
 # --------------------------------------------------------------------------- the demo's setting
 
 
-# `grace demo` (services/stack/demo.py): K=8, m=8, 3 iterations, 12 held-out queries; the rollout serves the
+# `grace demo` (services/orchestrator/demo.py): K=8, m=8, 3 iterations, 12 held-out queries; the rollout serves the
 # tiny model in fp32, the trainer trains fp32 LoRA rank 16 for 2 epochs without checkpointing (CPU), the
 # reward runs bf16 where the CPU has native bf16. Token counts: means over data/ in the tiny tokenizer
 # (chat prompt of a seed query 248; an SFT response 514, of which the <answer> document 446).

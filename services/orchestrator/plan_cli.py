@@ -1,4 +1,4 @@
-"""`grace plan`: size a GPU node before renting it (the arithmetic lives in services/stack/plan.py)."""
+"""`grace plan`: size a GPU node before renting it (the arithmetic lives in services/orchestrator/plan.py)."""
 
 from __future__ import annotations
 
