@@ -54,7 +54,7 @@ def tiny_models():
 # A test that uses one of these starts real processes or loads models: it is an integration test.
 INTEGRATION_FIXTURES = {
     "redis_url", "redis_client", "tiny_models", "rollout_service", "reward_service", "reward_scorer",
-    "judge_service", "backend", "trainer_settings", "trainer_policy", "lora_factory",
+    "judge_service", "backend", "trainer_settings", "trainer_policy", "lora_factory", "tiny_stack",
 }  # fmt: skip
 # Modules whose tests start processes or build models without those fixtures.
 INTEGRATION_MODULES = {"test_readme.py", "test_cli.py", "test_tiny_models.py", "test_e2e.py", "test_experiment.py"}

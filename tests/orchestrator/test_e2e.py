@@ -11,7 +11,6 @@ import pytest
 import redis
 
 from services.orchestrator.loop import RunOptions, SemiOnlineRun
-from services.orchestrator.stack import LocalStack, StackConfig
 from shared.jsonl import read_queries
 from shared.parsing import normalize_query
 from shared.runs import RunConfig, read_samples_file, samples_file
@@ -22,40 +21,19 @@ OFFLINE_ID = "e2e-offline"
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_models):
-    work = tmp_path_factory.mktemp("e2e")
-    stack = LocalStack(
-        StackConfig(
-            stack_dir=work / "stack",
-            common={
-                "policy_model": str(tiny_models.policy),
-                "general_model": str(tiny_models.general),
-                "domain_model": str(tiny_models.domain),
-                "embedding_model": str(tiny_models.embedding),
-                "adapter_root": str(work / "adapters"),
-                "run_root": str(work / "runs"),
-            },
-            per_service={
-                "rollout": {"max_tokens": 96, "generation_max_tokens": 96, "generation_attempts": 2},
-                "trainer": {"lora_rank": 8, "lora_alpha": 16, "batch_size": 4},
-            },
-        )
+def finished_run(tiny_stack):
+    work, info = tiny_stack
+    config = RunConfig(run_id=RUN_ID, iterations=2, queries_per_iteration=2, responses_per_query=3)
+    run = SemiOnlineRun(
+        RunOptions(config=config, run_dir=work / "runs" / RUN_ID, eval_limit=2, eval_max_tokens=64), info
     )
-    info = stack.up()
-    try:
-        config = RunConfig(run_id=RUN_ID, iterations=2, queries_per_iteration=2, responses_per_query=3)
-        run = SemiOnlineRun(
-            RunOptions(config=config, run_dir=work / "runs" / RUN_ID, eval_limit=2, eval_max_tokens=64), info
-        )
-        report = run.run()
-        offline = RunConfig.from_budget(OFFLINE_ID, total_queries=3, k=2, iterations=5, offline=True,
-                                        responses_per_query=3, epochs=2)  # fmt: skip
-        SemiOnlineRun(RunOptions(config=offline, run_dir=work / "runs" / OFFLINE_ID, eval_limit=2, eval_max_tokens=64), info).run()
-        client = redis.Redis.from_url(info.redis_url)
-        streams = {name: [decode_message(f) for _, f in client.xrange(name)] for name in (STREAM_ROLLOUTS, STREAM_SAMPLES)}
-        yield {"work": work, "report": report, "streams": streams, "run": run, "info": info, "redis": client}
-    finally:
-        stack.down()
+    report = run.run()
+    offline = RunConfig.from_budget(OFFLINE_ID, total_queries=3, k=2, iterations=5, offline=True,
+                                    responses_per_query=3, epochs=2)  # fmt: skip
+    SemiOnlineRun(RunOptions(config=offline, run_dir=work / "runs" / OFFLINE_ID, eval_limit=2, eval_max_tokens=64), info).run()
+    client = redis.Redis.from_url(info.redis_url)
+    streams = {name: [decode_message(f) for _, f in client.xrange(name)] for name in (STREAM_ROLLOUTS, STREAM_SAMPLES)}
+    yield {"work": work, "report": report, "streams": streams, "run": run, "info": info, "redis": client}
 
 
 def test_second_iteration_samples_from_first_adapter(finished_run):

@@ -10,37 +10,13 @@ import pytest
 from rich.console import Console
 
 from services.orchestrator.experiment import ExperimentOptions, cell_id, run_experiment
-from services.orchestrator.stack import LocalStack, StackConfig
 
 NAME = "exp"
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_models):
-    work = tmp_path_factory.mktemp("experiment")
-    stack = LocalStack(
-        StackConfig(
-            stack_dir=work / "stack",
-            services=("rollout", "reward", "trainer"),
-            common={
-                "policy_model": str(tiny_models.policy),
-                "general_model": str(tiny_models.general),
-                "domain_model": str(tiny_models.domain),
-                "embedding_model": str(tiny_models.embedding),
-                "adapter_root": str(work / "adapters"),
-                "run_root": str(work / "runs"),
-            },
-            per_service={
-                "rollout": {"max_tokens": 96, "generation_max_tokens": 96, "generation_attempts": 2},
-                "trainer": {"lora_rank": 8, "lora_alpha": 16, "batch_size": 4},
-            },
-        )
-    )
-    info = stack.up()
-    try:
-        yield work, info
-    finally:
-        stack.down()
+def stack(tiny_stack):
+    return tiny_stack
 
 
 def _options(work, methods, name=NAME) -> ExperimentOptions:
