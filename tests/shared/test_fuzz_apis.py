@@ -47,7 +47,7 @@ def fuzz(schema, operation: str, mode: GenerationMode, headers: dict | None = No
     method, path = operation.split(" ", 1)
     api_operation = schema[path][method]
     if mode == GenerationMode.NEGATIVE and not (api_operation.body or api_operation.query or api_operation.headers):
-        pytest.skip("no input to make invalid")
+        mode = GenerationMode.POSITIVE  # nothing to make invalid: the plain request must still hold the contract
     strategy = api_operation.as_strategy(mode)
     if mode == GenerationMode.POSITIVE:
         strategy = strategy.filter(one_finish_reason_per_response)
