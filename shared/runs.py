@@ -27,7 +27,7 @@ from shared.jsonl import read_jsonl, write_jsonl
 from shared.rope import RopeConfig
 from shared.schemas import WeightedSample
 
-LOSSES = ("grace_kto", "kto", "dpo", "orpo", "sft")
+LOSSES = ("grace_kto", "kto", "dpo", "orpo", "sft", "grpo")
 
 
 class RunConfig(BaseModel):
@@ -35,7 +35,7 @@ class RunConfig(BaseModel):
     iterations: int = Field(3, ge=1)
     queries_per_iteration: int = Field(8, ge=1, description="K")
     responses_per_query: int = Field(8, ge=2, description="m")
-    loss: Literal["grace_kto", "kto", "dpo", "orpo", "sft"] = "grace_kto"
+    loss: Literal["grace_kto", "kto", "dpo", "orpo", "sft", "grpo"] = "grace_kto"
     offline: bool = Field(False, description="the paper's GRACE (offline): one round over the whole query set")
     total_queries: int | None = Field(
         None, ge=1, description="query budget N (paper: 1000); the last round holds the remainder"

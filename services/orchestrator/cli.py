@@ -51,7 +51,7 @@ def run(
         None, "--total-queries", "-n", min=1, help="query budget N (paper: 1000): ceil(N/K) iterations; offline: all N at once"
     ),
     responses: int = typer.Option(8, "--responses", "-m", help="m responses per query (paper: 8)"),
-    loss: str = typer.Option("grace_kto", help="grace_kto, or a baseline: kto, dpo, orpo, sft"),
+    loss: str = typer.Option("grace_kto", help="grace_kto, or a baseline: kto, dpo, orpo, sft, grpo"),
     offline: bool = typer.Option(
         False, "--offline", help="GRACE (offline): N queries generated once, sampled once from the starting policy, "
         "calibrated as one dataset, trained --epochs epochs"
@@ -116,7 +116,7 @@ def rollout_iteration(
 
 def experiment(
     name: str = typer.Option("experiment", "--name", help="experiment id: outputs in <run-root>/<name>/, cells <name>-<method>-s<seed>"),
-    methods: str = typer.Option("sft,kto,dpo,orpo,grace_offline,grace", help="comma-separated methods (grpo: not yet)"),
+    methods: str = typer.Option("sft,kto,dpo,orpo,grace_offline,grace,grpo", help="comma-separated methods"),
     seeds: int = typer.Option(3, min=1, help="seeds per method (S)"),
     total_queries: Optional[int] = typer.Option(24, "--total-queries", "-n", min=0, help="query budget N of every method (0: K x --iterations)"),
     k: int = typer.Option(8, "-k", help="K queries per semi-online round: ceil(N/K) rounds"),

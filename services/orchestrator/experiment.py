@@ -33,9 +33,9 @@ from services.orchestrator import stats
 from services.orchestrator.stack import StackInfo
 from shared.jsonl import read_jsonl
 
-METHODS = ("sft", "kto", "dpo", "orpo", "grace_offline", "grace")  # grpo: issue 13 point 3, not yet
+METHODS = ("sft", "kto", "dpo", "orpo", "grace_offline", "grace", "grpo")
 TRAINED = {"kto": ("kto", False), "dpo": ("dpo", False), "orpo": ("orpo", False),
-           "grace_offline": ("grace_kto", True), "grace": ("grace_kto", False)}  # fmt: skip
+           "grace_offline": ("grace_kto", True), "grace": ("grace_kto", False), "grpo": ("grpo", False)}  # fmt: skip
 BASELINE = "sft"
 EVAL_SEED_STRIDE = 10007  # evaluation seed of seed s: s * stride (+ query index, + sample index in vLLM)
 
@@ -61,7 +61,7 @@ class ExperimentOptions:
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)} (grpo: not yet)")
+            raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
         if not self.methods:
             raise ValueError("no methods")
         if self.seeds < 1:

@@ -1,4 +1,4 @@
-"""`grace bench trainer`: one GRACE-KTO epoch vs TRL's KTOTrainer, and vs DPO, in the same run.
+"""`grace bench trainer`: one GRACE-KTO epoch vs TRL's KTOTrainer, and vs DPO and GRPO, in the same run.
 
 Every method runs in a fresh subprocess (so ``ru_maxrss`` is its own peak) on
 the same model, data, batch size, sequence lengths, precision and LoRA
@@ -16,11 +16,13 @@ the workload has, and random calibrated-like weights.
   minus the RSS just before training (the largest over the repeats).
   GRACE-KTO and DPO use the same engine and token budget per forward
   (``micro_batch_tokens``, about one long sequence): a KTO step can run one
-  sequence at a time, a DPO pair cannot be split (paper 4.1).
+  sequence at a time, a DPO pair cannot be split (paper 4.1). GRPO (same engine and
+  budget, per-token ratio; z = the sample's weight) runs once, like DPO.
 
 Last output line: one JSON object with ``speedup_vs_trl``,
 ``memory_ratio_vs_trl`` (GRACE / TRL peak RSS) and ``dpo_memory_ratio``
-(GRACE-KTO / DPO peak RSS, same engine and token budget).
+(GRACE-KTO / DPO peak RSS, same engine and token budget), ``grpo_memory_ratio`` and
+``grpo_speedup`` (GRACE-KTO / GRPO peak RSS; GRPO / GRACE-KTO epoch seconds).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-METHODS = ("grace_kto", "trl_kto", "dpo")
+METHODS = ("grace_kto", "trl_kto", "dpo", "grpo")
+ONCE = ("dpo", "grpo")  # memory and tokens/s, one run each
 
 
 @dataclass
@@ -85,7 +88,7 @@ def make_samples(tokenizer: Any, opts: BenchOptions) -> list[dict[str, Any]]:
         samples.append({
             "run_id": "bench", "iteration": 0, "sample_id": f"bench:0:{group}:{index}", "group_id": f"bench:0:{group}",
             "response_index": index, "query": queries[group % len(queries)], "response": response, "weight": weight,
-            "label": "desirable" if weight >= 0 else "undesirable", "parsed": True,
+            "label": "desirable" if weight >= 0 else "undesirable", "parsed": True, "z": weight,
         })  # fmt: skip
     return samples
 
@@ -158,7 +161,7 @@ def run_method(method: str, policy: str, data: Path, opts: BenchOptions) -> dict
         from services.trainer.train import Trainer
 
         model = get_peft_model(base, lora_config(settings))
-        trainer = Trainer(model, tokenizer, settings, runtime, loss="grace_kto" if method == "grace_kto" else "dpo")
+        trainer = Trainer(model, tokenizer, settings, runtime, loss=method)
         rss_before = _rss_mb()
         started = time.perf_counter()
         result = trainer.train(samples, iteration=0)
@@ -188,7 +191,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     data = out / "bench_samples.json"
     data.write_text(json.dumps(make_samples(tokenizer, opts)))
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
-    order = [m for r in range(opts.repeats) for m in METHODS if m != "dpo" or r == 0]  # DPO: memory only, once
+    order = [m for r in range(opts.repeats) for m in METHODS if m not in ONCE or r == 0]  # DPO, GRPO: once
     for method in order:
         command = [sys.executable, "-m", "services.trainer.bench", "--method", method, "--policy", str(models.policy),
                    "--data", str(data), "--options", json.dumps({k: v for k, v in asdict(opts).items() if k != "out"})]  # fmt: skip
@@ -205,7 +208,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         best["peak_delta_mb"] = max(r["peak_delta_mb"] for r in done)
         best["runs_seconds"] = [r["seconds"] for r in done]
         results[method] = best
-    grace, trl_kto, dpo = (results[m] for m in METHODS)
+    grace, trl_kto, dpo, grpo = (results[m] for m in METHODS)
     summary = {
         "preset": opts.preset, "samples": opts.samples, "batch_size": opts.batch_size, "precision": opts.precision,
         "lora_rank": opts.lora_rank, "response_tokens": [opts.min_tokens, opts.max_tokens],
@@ -215,6 +218,8 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "memory_delta_ratio_vs_trl": round(grace["peak_delta_mb"] / max(trl_kto["peak_delta_mb"], 1e-9), 3),
         "dpo_memory_ratio": round(grace["peak_rss_mb"] / dpo["peak_rss_mb"], 3),
         "dpo_memory_delta_ratio": round(grace["peak_delta_mb"] / max(dpo["peak_delta_mb"], 1e-9), 3),
+        "grpo_memory_ratio": round(grace["peak_rss_mb"] / grpo["peak_rss_mb"], 3),
+        "grpo_speedup": round(grpo["seconds"] / grace["seconds"], 3),  # > 1: GRACE-KTO's epoch is faster
     }  # fmt: skip
     (out / "bench.json").write_text(json.dumps(summary, indent=1))
     table = ["| method | steps | tokens | seconds | tokens/s | peak RSS MB | peak - start MB |", "|---|---|---|---|---|---|---|"]

@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 
 from shared.settings import ServiceSettings, service_config
 
-LossName = Literal["grace_kto", "kto", "dpo", "orpo", "sft"]
+LossName = Literal["grace_kto", "kto", "dpo", "orpo", "sft", "grpo"]
 
 
 class TrainerSettings(ServiceSettings):
@@ -23,7 +23,7 @@ class TrainerSettings(ServiceSettings):
 
     # ---- loss (paper 3.5, eq. 10-12; 4.1)
     loss: LossName = Field(
-        "grace_kto", description="loss when the run config in Redis names none: grace_kto, kto, dpo, orpo or sft"
+        "grace_kto", description="loss when the run config in Redis names none: grace_kto, kto, dpo, orpo, sft or grpo"
     )
     beta: float = Field(0.05, gt=0, description="beta of eq. 11 (paper 4.1: 0.05); also DPO's beta")
     sft_weight: float = Field(0.1, ge=0, description="mu: weight of the auxiliary SFT loss on positives (paper 4.1: 0.1)")
@@ -33,6 +33,10 @@ class TrainerSettings(ServiceSettings):
     lambda_desirable: float = Field(1.0, gt=0, description="lambda+ when lambda_mode=fixed")
     lambda_undesirable: float = Field(1.0, gt=0, description="lambda- when lambda_mode=fixed")
     orpo_alpha: float = Field(0.1, gt=0, description="ORPO's weight of the odds-ratio term")
+    grpo_epsilon: float = Field(0.2, gt=0, lt=1, description="GRPO's PPO clip: the ratio to the sampling policy is kept in [1-eps, 1+eps]")
+    grpo_beta_kl: float = Field(
+        0.0, ge=0, description="GRPO's weight of the k3 KL term to the reference (base model); 0 skips the reference pass (TRL's default)"
+    )
 
     # ---- optimization (paper 4.1)
     learning_rate: float = Field(5e-6, gt=0, description="peak learning rate of the cosine schedule (paper: 5e-6)")

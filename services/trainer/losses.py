@@ -179,3 +179,79 @@ def best_worst_pairs(group_ids: list[str], weights: list[float]) -> list[tuple[i
         if weights[best] > weights[worst]:
             pairs.append((best, worst))
     return pairs
+
+
+# --------------------------------------------------------------------------- GRPO (online RL baseline)
+
+
+def group_advantages(group_ids: list[str], zs: list[float | None]) -> list[float]:
+    """GRPO's group-relative advantages from the same rewards GRACE-KTO uses.
+
+    A parsed response's advantage is its group's rank-sum z-score (eq. 6-7): already
+    centred on the group mean and scaled by the group's population std, with an
+    all-tied group at 0 (TRL's ``(r - mean) / std`` of the group, with the
+    population std). An unparsed response (``z`` None) ranks below every parsed
+    response of its group: advantage = the group's minimum z minus 1, or -1 when no
+    response of the group parsed (GRACE-KTO's unparsed weight).
+    """
+    floor: dict[str, float] = {}
+    for group, z in zip(group_ids, zs):
+        if z is not None:
+            floor[group] = min(floor.get(group, z), z)
+    return [float(z) if z is not None else floor.get(group, 0.0) - 1.0 for group, z in zip(group_ids, zs)]
+
+
+def grpo_token_losses(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    ref_logps: torch.Tensor | None = None,
+    epsilon: float = 0.2,
+    beta_kl: float = 0.0,
+) -> torch.Tensor:
+    """Per-token GRPO terms (Shao et al. 2024; TRL's GRPOTrainer, token-level ratio):
+
+        -min(r * A, clip(r, 1 - eps, 1 + eps) * A) + beta_kl * (exp(ref - logp) - (ref - logp) - 1)
+
+    with r = exp(logp - old_logp) the ratio to the sampling policy. All inputs share
+    one shape (tokens, or sequences x tokens); ``advantages`` is each token's
+    sequence advantage. ``old_logps`` and ``ref_logps`` are treated as constants.
+    """
+    ratio = torch.exp(logps - old_logps.detach())
+    clipped = ratio.clamp(1.0 - epsilon, 1.0 + epsilon)
+    advantages = advantages.to(logps.dtype)
+    terms = -torch.min(ratio * advantages, clipped * advantages)
+    if beta_kl != 0.0:
+        if ref_logps is None:
+            raise ValueError("beta_kl > 0 needs the reference log-probs")
+        delta = ref_logps.detach() - logps
+        terms = terms + beta_kl * (torch.exp(delta) - delta - 1.0)  # k3 estimator of KL(pi || pi_ref)
+    return terms
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    ref_logps: torch.Tensor | None = None,
+    *,
+    mask: torch.Tensor | None = None,
+    num_tokens: float | int | None = None,
+    epsilon: float = 0.2,
+    beta_kl: float = 0.0,
+) -> torch.Tensor:
+    """GRPO with no critic, averaged over the tokens of the whole batch: TRL's ``loss_type="bnpo"``
+    (= its default ``"dapo"`` on one process without gradient accumulation), so a long response
+    weighs by its token count, not 1/|o| per sequence as in the original ``"grpo"`` mean.
+
+    ``mask``: 1 on real tokens (padded inputs); ``num_tokens``: the batch's token count when this
+    call sees only one micro-batch of it (the default is the tokens given here).
+    """
+    terms = grpo_token_losses(logps, old_logps, advantages, ref_logps, epsilon, beta_kl)
+    if mask is not None:
+        terms = terms * mask.to(terms.dtype)
+        count = mask.sum()
+    else:
+        count = torch.tensor(float(terms.numel()))
+    denominator = float(num_tokens) if num_tokens is not None else max(float(count), 1.0)
+    return terms.sum() / denominator

@@ -286,3 +286,97 @@ def test_run_long_schedule_offsets_and_totals():
         offset, later = run_schedule(steps, i)
         pieces += [cosine_lr(offset + k, offset + n + later, peak, floor, 0.1) for k in range(n)]
     assert pieces == whole and whole[-1] == pytest.approx(floor)
+
+
+# --------------------------------------------------------------------------- GRPO
+
+
+def test_group_advantages_are_z_with_unparsed_below_the_group():
+    groups = ["a", "a", "a", "b", "b", "c"]
+    zs = [1.2, -1.2, None, None, None, 0.0]
+    # a: z as is, the unparsed one at min z - 1; b: no parsed response -> -1; c: an all-tied group stays 0
+    assert losses.group_advantages(groups, zs) == pytest.approx([1.2, -1.2, -2.2, -1.0, -1.0, 0.0])
+
+
+def test_grpo_loss_hand_computed():
+    old = torch.zeros(4, dtype=torch.float64)
+    logps = torch.log(torch.tensor([1.5, 0.5, 1.1, 0.9], dtype=torch.float64)).requires_grad_()
+    advantages = torch.tensor([1.0, -1.0, 2.0, -0.5], dtype=torch.float64)
+    # ratios 1.5 (A>0: clipped at 1.2), 0.5 (A<0: clipped at 0.8), 1.1 and 0.9 inside the clip range
+    # terms: -1.2, +0.8, -2.2, +0.45 -> token mean -2.15 / 4
+    loss = losses.grpo_loss(logps, old, advantages, epsilon=0.2)
+    assert float(loss) == pytest.approx(-2.15 / 4, abs=1e-12)
+    loss.backward()
+    # clipped tokens give no gradient; the others -A * r / tokens
+    assert logps.grad.tolist() == pytest.approx([0.0, 0.0, -2.2 / 4, 0.45 / 4], abs=1e-12)
+    # k3 KL: ref - logp = log 2 -> 2 - log 2 - 1 on that token, beta 0.1, over 4 tokens; the rest are 0
+    ref = logps.detach().clone()
+    ref[0] += math.log(2.0)
+    with_kl = losses.grpo_loss(logps, old, advantages, ref, epsilon=0.2, beta_kl=0.1)
+    assert float(with_kl) == pytest.approx(-2.15 / 4 + 0.1 * (1 - math.log(2.0)) / 4, abs=1e-12)
+    # a micro-batch's share: sum over its tokens / the batch's token count
+    half = losses.grpo_loss(logps[:2], old[:2], advantages[:2], num_tokens=4)
+    assert float(half) == pytest.approx((-1.2 + 0.8) / 4, abs=1e-12)
+    # at the sampling policy (ratio 1, no KL), the loss is minus the token-weighted advantage
+    assert float(losses.grpo_loss(old, old, advantages)) == pytest.approx(-float(advantages.mean()))
+
+
+def _trl_grpo_loss(per_token_logps, inputs, loss_type: str, beta: float, epsilon: float) -> torch.Tensor:
+    """TRL's own ``GRPOTrainer._compute_loss`` on per-token log-probs the test gives it."""
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    identity = lambda x, **_: x  # noqa: E731
+    fake = types.SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (per_token_logps, torch.zeros_like(per_token_logps), None),
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token", beta=beta,
+        loss_type=loss_type, epsilon_low=epsilon, epsilon_high=epsilon, use_vllm=False,
+        vllm_importance_sampling_correction=False, model=types.SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1, _entropy_bonus_enabled=False, aux_loss_enabled=False,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+        args=types.SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1),
+        accelerator=types.SimpleNamespace(num_processes=1, gather=identity, gather_for_metrics=identity, reduce=identity),
+    )  # fmt: skip
+    return GRPOTrainer._compute_loss(fake, None, inputs)
+
+
+@pytest.mark.parametrize("loss_type", ["bnpo", "dapo", "grpo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_grpo_loss_equals_trl_grpo(loss_type, beta):
+    generator = torch.Generator().manual_seed(3)
+    lengths = [5, 2, 4, 1]
+    batch, width = len(lengths), max(lengths)
+    mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths])
+    old = -torch.rand(batch, width, generator=generator, dtype=torch.float64) * 3
+    ref = -torch.rand(batch, width, generator=generator, dtype=torch.float64) * 3
+    # ratios spread across both clip bounds
+    offsets = torch.linspace(-0.6, 0.6, batch * width, dtype=torch.float64)[torch.randperm(batch * width, generator=generator)]
+    current = old + offsets.reshape(batch, width)
+    advantages = torch.tensor([1.3, -0.7, 0.4, -1.1], dtype=torch.float64)
+    inputs = {
+        "prompt_ids": torch.zeros(batch, 2, dtype=torch.long), "prompt_mask": torch.ones(batch, 2, dtype=torch.long),
+        "completion_ids": torch.zeros(batch, width, dtype=torch.long), "completion_mask": mask,
+        "advantages": advantages, "old_per_token_logps": old, "ref_per_token_logps": ref,
+        "num_items_in_batch": mask.sum().to(torch.float64),
+    }  # fmt: skip
+    trl_logps = current.clone().requires_grad_()
+    trl_loss = _trl_grpo_loss(trl_logps, inputs, loss_type, beta, 0.2)
+    trl_loss.backward()
+
+    # ours on the flat response tokens, as the trainer passes them (advantage broadcast per token)
+    keep = mask.bool()
+    ours_logps = current.clone().requires_grad_()
+    token_advantages = advantages[:, None].expand(batch, width)[keep]
+    args = (ours_logps[keep], old[keep], token_advantages, ref[keep])
+    if loss_type == "grpo":  # TRL's per-sequence mean: checks the per-token terms alone
+        terms = losses.grpo_token_losses(*args, epsilon=0.2, beta_kl=beta)
+        rows = torch.arange(batch)[:, None].expand(batch, width)[keep]
+        per_seq = torch.zeros(batch, dtype=torch.float64).index_add(0, rows, terms) / mask.sum(-1)
+        ours = per_seq.mean()
+    else:
+        ours = losses.grpo_loss(*args, epsilon=0.2, beta_kl=beta)
+    ours.backward()
+    ratio, signs = torch.exp(current - old)[keep], token_advantages.sign()
+    assert bool(((ratio > 1.2) & (signs > 0)).any()) and bool(((ratio < 0.8) & (signs < 0)).any()), "both clips bind"
+    assert float(ours) == pytest.approx(float(trl_loss), rel=1e-9, abs=1e-12)
+    assert torch.allclose(ours_logps.grad, trl_logps.grad, rtol=1e-9, atol=1e-12)
+    assert trl_logps.grad.abs().sum() > 0

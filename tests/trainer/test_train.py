@@ -121,3 +121,28 @@ def test_baselines_train_and_report(trainer_policy, loss):
     assert any(not torch.equal(a, b) for a, b in zip(before, after)), "the adapter must change"
     if loss in ("dpo", "orpo"):
         assert result.samples == 4  # one best-vs-worst pair per group
+
+
+def test_grpo_raises_high_advantage_responses(trainer_policy):
+    model, tokenizer, runtime, settings = trainer_policy
+    settings = settings.model_copy(update={"batch_size": 8, "epochs": 4, "learning_rate": 5e-4, "grpo_beta_kl": 0.05})
+    # token-mean loss: high and low responses of a group get equal token counts (one-token words, paired lengths),
+    # so the group's advantages sum to 0 over its tokens too and the shared template tokens get no net push
+    low_words = "market report policy summary".split()
+    samples = []
+    for group in range(2):
+        for i, (z, words) in enumerate([(1.2, HIGH_WORDS), (0.5, HIGH_WORDS), (-0.5, low_words), (-1.2, low_words)]):
+            rng = random.Random(10 * group + min(i, 3 - i))  # the same length for 1.2 / -1.2 and for 0.5 / -0.5
+            samples.append(_sample(i, group, z, words, rng).model_copy(update={"z": z}))
+    trainer = Trainer(model, tokenizer, settings, runtime, loss="grpo")
+    before = _logps(trainer, samples)
+    result = trainer.train(samples, iteration=0)
+    delta = _logps(trainer, samples) - before
+    high = float(delta[[s.z is not None and s.z > 0 for s in samples]].mean())
+    low = float(delta[[s.z is None or s.z < 0 for s in samples]].mean())
+    assert result.loss == "grpo" and result.steps == 4 and result.tokens > 0
+    assert high > 0.5 and high - low > 1.0, "high-advantage log-probs rise, well above the low-advantage ones"
+    first = result.metrics[0]
+    assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-3), "the first step is on the sampling policy"
+    for key in ("loss", "lr", "grad_norm", "advantage_mean", "advantage_min", "clip_ratio", "kl"):
+        assert key in first
