@@ -230,18 +230,26 @@ class Trainer:
 
     # ---- forward helpers
 
+    @contextlib.contextmanager
+    def _scoring(self, reference: bool):
+        """No-grad eval mode for scoring passes; ``reference`` disables the adapter (pi_ref = the base)."""
+        was_training = self.model.training
+        self.model.eval()
+        context = self.model.disable_adapter() if reference else contextlib.nullcontext()
+        try:
+            with torch.no_grad(), context:
+                yield
+        finally:
+            self.model.train(was_training)
+
     def logps(self, sequences: list[Sequence], *, reference: bool = False) -> torch.Tensor:
         """No-grad summed response log-probs, micro-batched by length; ``reference`` disables the adapter."""
         out = torch.empty(len(sequences), dtype=torch.float32, device=self.runtime.device)
         if not sequences:
             return out
-        was_training = self.model.training
-        self.model.eval()
-        context = self.model.disable_adapter() if reference else contextlib.nullcontext()
-        with torch.no_grad(), context:
+        with self._scoring(reference):
             for group in micro_batches([len(s.ids) for s in sequences], self.token_budget):
                 out[group] = sequence_logps(self.model, [sequences[i] for i in group], self.pad_id, self.runtime)
-        self.model.train(was_training)
         return out
 
     def token_logps(self, sequences: list[Sequence], *, reference: bool = False) -> list[torch.Tensor]:
@@ -249,16 +257,12 @@ class Trainer:
         out: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
         if not sequences:
             return out
-        was_training = self.model.training
-        self.model.eval()
-        context = self.model.disable_adapter() if reference else contextlib.nullcontext()
-        with torch.no_grad(), context:
+        with self._scoring(reference):
             for group in micro_batches([len(s.ids) for s in sequences], self.token_budget):
                 part = [sequences[i] for i in group]
                 per_token, _, _ = response_token_logps(self.model, part, self.pad_id, self.runtime)
                 for i, chunk in zip(group, per_token.float().cpu().split([s.response_len for s in part])):
                     out[i] = chunk
-        self.model.train(was_training)
         return out
 
     def _grad_logps(self, sequences: list[Sequence]) -> torch.Tensor:
