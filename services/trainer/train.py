@@ -152,6 +152,7 @@ class Optimizer:
             self.engine.step()
             norm = self.engine.get_global_grad_norm()
             return float(norm) if norm is not None else float("nan")
+        average_gradients(self.params)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -186,15 +187,35 @@ def _mean(values: list[float]) -> float | None:
 
 
 def init_distributed(settings: TrainerSettings) -> None:
-    """Under the deepspeed launcher (``settings.deepspeed`` set): one process per GPU, NCCL process group."""
-    if settings.deepspeed is None:
-        return
+    """One process per device under a launcher (``torchrun`` or ``deepspeed``, WORLD_SIZE > 1).
+
+    With ``settings.deepspeed``: DeepSpeed's NCCL group (ZeRO shards the optimizer). Without: a plain
+    process group, NCCL on GPUs and gloo on CPU, whose gradients ``average_gradients`` all-reduces."""
     import os
 
-    import deepspeed
+    cuda = torch.cuda.is_available()
+    if cuda and (settings.deepspeed is not None or "LOCAL_RANK" in os.environ):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if settings.deepspeed is not None:
+        import deepspeed
 
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed()
+        deepspeed.init_distributed()
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Data parallelism without DeepSpeed: each rank's gradients become the mean over ranks (one
+    all-reduce of the flattened LoRA gradients). A rank whose share of a batch was empty adds zeros."""
+    _, world = rank_world()
+    if world == 1 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world
+    for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = chunk.view_as(p).to(p.dtype)
 
 
 def rank_world() -> tuple[int, int]:
@@ -225,6 +246,8 @@ class Trainer:
         self.encode = Encoder(tokenizer, settings.max_length)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.rank, self.world = rank_world()
+        # Each rank trains batch[rank::world] and normalises its loss by the batch's count / world, so the
+        # gradients averaged over ranks (DeepSpeed, or ``average_gradients``) are those of the whole batch.
         # DeepSpeed wants one backward per rank per step: the rank's share runs as one (padded) micro-batch.
         self.token_budget = settings.micro_batch_tokens if settings.deepspeed is None else 1 << 62
 
@@ -350,7 +373,8 @@ class Trainer:
             policy_kl = self.logps([kl_seqs[p] for p in pairs])
             z_ref = losses.kl_reference_point(policy_kl, torch.tensor([ref_kl[p] for p in pairs], device=device))
             # 3. policy pass with gradients, padding-free micro-batches of the batch
-            positive_tokens = sum(seqs[i].response_len for i in mine if weights[i] >= 0)
+            share = len(batch) / self.world
+            positive_tokens = sum(seqs[i].response_len for i in batch if weights[i] >= 0) / self.world
             kto_sum = sft_sum = 0.0
             batch_logps = torch.empty(len(mine), dtype=torch.float32)
             for group in micro_batches([len(seqs[i].ids) for i in mine], self.token_budget):
@@ -358,14 +382,14 @@ class Trainer:
                 logps = self._grad_logps([seqs[i] for i in idx])
                 w = weights[idx].to(device)
                 terms = losses.grace_kto_losses(logps, ref[idx].to(device), w, z_ref, s.beta, *lam)
-                loss = terms.sum() / len(mine)
+                loss = terms.sum() / share
                 positive = w >= 0
                 if s.sft_weight > 0 and positive_tokens > 0 and bool(positive.any()):
                     sft = -logps[positive].sum() / positive_tokens  # token-mean NLL over the batch's positives
                     loss = loss + s.sft_weight * sft
                     sft_sum += float(sft.detach())
                 optimizer.backward(loss)
-                kto_sum += float(terms.detach().sum()) / len(mine)
+                kto_sum += float(terms.detach().sum()) / share
                 batch_logps[list(group)] = logps.detach().float().cpu()
             # 4. optimizer step
             lr = lr_at(step)
@@ -407,6 +431,7 @@ class Trainer:
         for step, batch in enumerate(batches):
             step_started = time.perf_counter()
             mine = [pairs[b] for b in batch[self.rank :: self.world]]
+            share = len(batch) / self.world
             loss_sum = 0.0
             margins: list[float] = []
             # chosen and rejected of a pair share one forward/backward: the pairwise memory cost (paper 4.1)
@@ -419,12 +444,12 @@ class Trainer:
                 if self.loss == "dpo":
                     rc = torch.tensor([ref[i] for i in chosen], device=device)
                     rr = torch.tensor([ref[i] for i in rejected], device=device)
-                    loss = losses.dpo_loss(pc, pr, rc, rr, s.beta) * len(group) / len(mine)
+                    loss = losses.dpo_loss(pc, pr, rc, rr, s.beta) * len(group) / share
                     margins += (s.beta * ((pc - rc) - (pr - rr))).detach().cpu().tolist()
                 else:
                     tc = torch.tensor([seqs[i].response_len for i in chosen], device=device, dtype=torch.float32)
                     tr = torch.tensor([seqs[i].response_len for i in rejected], device=device, dtype=torch.float32)
-                    loss = losses.orpo_loss(pc, pr, tc, tr, s.orpo_alpha) * len(group) / len(mine)
+                    loss = losses.orpo_loss(pc, pr, tc, tr, s.orpo_alpha) * len(group) / share
                 optimizer.backward(loss)
                 loss_sum += float(loss.detach())
             lr = lr_at(step)
@@ -456,7 +481,7 @@ class Trainer:
         for step, batch in enumerate(batches):
             step_started = time.perf_counter()
             mine = batch[self.rank :: self.world]
-            total = sum(seqs[i].response_len for i in mine)
+            total = sum(seqs[i].response_len for i in batch) / self.world
             loss_sum = 0.0
             for group in micro_batches([len(seqs[i].ids) for i in mine], self.token_budget):
                 logps = self._grad_logps([seqs[mine[g]] for g in group])
@@ -508,7 +533,8 @@ class Trainer:
         for step, batch in enumerate(batches):
             step_started = time.perf_counter()
             mine = batch[self.rank :: self.world]
-            response_tokens = sum(seqs[i].response_len for i in mine)
+            response_tokens = sum(seqs[i].response_len for i in mine)  # the metrics' denominator
+            share_tokens = sum(seqs[i].response_len for i in batch) / self.world  # the loss's
             loss_sum = ratio_sum = clipped = kl_sum = 0.0
             for group in micro_batches([len(seqs[i].ids) for i in mine], self.token_budget):
                 idx = [mine[g] for g in group]
@@ -517,7 +543,7 @@ class Trainer:
                 old_t = torch.cat([old[i] for i in idx]).to(device)
                 ref_t = torch.cat([ref[i] for i in idx]).to(device) if ref is not None else None
                 adv_t = advantages[idx].to(device)[rows]
-                loss = losses.grpo_loss(per_token, old_t, adv_t, ref_t, num_tokens=response_tokens,
+                loss = losses.grpo_loss(per_token, old_t, adv_t, ref_t, num_tokens=share_tokens,
                                         epsilon=s.grpo_epsilon, beta_kl=s.grpo_beta_kl)  # fmt: skip
                 optimizer.backward(loss)
                 loss_sum += float(loss.detach())
