@@ -26,6 +26,23 @@ def adapter_version(iteration: int) -> str:
     return f"iter-{iteration:04d}"
 
 
+BASE_VERSION = "base"  # what the gateway reports before its first swap: the starting policy
+
+
+def staleness(sampled_by: str | None, iteration: int) -> int | None:
+    """How many adapter versions behind the on-policy one a response of ``iteration`` was sampled.
+
+    Iteration i samples from ``iter-(i-1)`` (iteration 0 from the base): that is staleness 0. None when
+    the version is unknown or not one of ours (a hand-published sample): it is not judged."""
+    if sampled_by == BASE_VERSION:
+        produced = -1
+    elif sampled_by and (match := VERSION_RE.match(sampled_by)):
+        produced = int(match.group(1))
+    else:
+        return None
+    return iteration - 1 - produced
+
+
 def adapter_checksum(path: str | Path) -> str:
     """sha256 over the PEFT files' names and bytes, in a fixed order."""
     digest = hashlib.sha256()

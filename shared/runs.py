@@ -44,6 +44,10 @@ class RunConfig(BaseModel):
     seed: int | None = Field(
         None, description="the run's seed: query plan, sampling, LoRA init and batch order (unset = each service's setting)"
     )
+    max_staleness: int | None = Field(
+        0, ge=0, description="adapter versions a trained sample may lag behind the on-policy one; 0 = on-policy as the "
+        "paper (stale samples are counted and dropped by the trainer); None = train on any",
+    )
     rope: RopeConfig | None = Field(
         None, description="the run's one RoPE setting (paper 3.6); every service refuses a run that differs from its own "
         "(None = recorded before runs carried it: not checked)",

@@ -29,7 +29,7 @@ from services.trainer.batching import iteration_steps
 from services.trainer.config import TrainerSettings
 from services.trainer.state import TrainerState
 from services.trainer.train import rank_world
-from shared.adapters import VERSION_RE, AdapterStore, adapter_checksum, adapter_rank, adapter_version
+from shared.adapters import VERSION_RE, AdapterStore, adapter_checksum, adapter_rank, adapter_version, staleness
 from shared.rope import RopeMismatch, check_rope
 from shared.runs import RunConfig, load_run_config, samples_file, write_samples_file
 from shared.schemas import (
@@ -68,6 +68,20 @@ def latest_adapter(store: AdapterStore, run_id: str, before: int) -> Path | None
             if best is None or int(match.group(1)) > best[0]:
                 best = (int(match.group(1)), path)
     return best[1] if best else None
+
+
+def split_stale(
+    samples: list[WeightedSample], iteration: int, max_staleness: int | None
+) -> tuple[list[WeightedSample], list[WeightedSample]]:
+    """(trained, stale): a sample more than ``max_staleness`` adapter versions behind the on-policy one is
+    stale (None = none is). A sample of unknown version is trained (``shared.adapters.staleness``)."""
+    if max_staleness is None:
+        return samples, []
+    fresh, stale = [], []
+    for sample in samples:
+        lag = staleness(sample.adapter_version, iteration)
+        (stale if lag is not None and lag > max_staleness else fresh).append(sample)
+    return fresh, stale
 
 
 class TrainerWorker:
@@ -165,6 +179,10 @@ class TrainerWorker:
         run_config = load_run_config(self.client, run_id)
         check_rope(run_id, run_config and run_config.rope, self.settings.rope(), "trainer")  # RopeMismatch: refused
         loss = run_config.loss if run_config else self.settings.loss
+        samples, stale = split_stale(samples, iteration, run_config.max_staleness if run_config else 0)
+        if stale:
+            log.warning("event=stale_samples_dropped run=%s iteration=%d stale=%d kept=%d sampled_by=%s",
+                        run_id, iteration, len(stale), len(samples), sorted({s.adapter_version for s in stale}))  # fmt: skip
         summary: dict[str, Any] = {}
         if self.rank != 0:  # other DeepSpeed ranks only join the training and the adapter gather
             if not self.store.exists(run_id, version):
@@ -185,7 +203,7 @@ class TrainerWorker:
             self.state.mark_published(run_id, version)
             log.info("event=adapter_published run=%s version=%s checksum=%s", run_id, version, checksum[:12])
         record = {"version": version, "path": str(path), "checksum": checksum, "samples": len(samples),
-                  "dropped": len(dropped), "loss": loss, **summary}  # fmt: skip
+                  "dropped": len(dropped), "stale": len(stale), "loss": loss, **summary}  # fmt: skip
         self.state.mark_done(run_id, iteration, record)
         self.trained += 1
         log.info("event=iteration_done run=%s iteration=%d version=%s samples=%d", run_id, iteration, version, len(samples))

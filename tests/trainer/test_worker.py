@@ -19,7 +19,7 @@ from services.trainer.state import TrainerState
 from services.trainer.worker import TrainerWorker
 from shared.adapters import AdapterStore, adapter_checksum, adapter_version
 from shared.process import ServiceProcess
-from shared.runs import read_samples_file, samples_file
+from shared.runs import RunConfig, read_samples_file, samples_file, save_run_config
 from shared.schemas import STREAM_ADAPTERS, STREAM_SAMPLES, AdapterEvent, IterationComplete, WeightedSample, decode_message
 from shared.streams import publish
 from tests.fixtures.trainer import trainer_env
@@ -242,3 +242,26 @@ def test_kill_9_mid_iteration_then_restart_trains_exactly_the_published_samples(
     attempts = {json.loads(line)["attempt"] for line in metrics.read_text().splitlines()}
     assert len(attempts) == 2  # the killed attempt and the one that finished
     client.close()
+
+
+def test_samples_from_a_stale_adapter_are_counted_and_not_trained(redis_client, trainer_settings):
+    """Iteration 1 is on-policy from iter-0000; with the default max_staleness 0 its base samples are dropped."""
+    client = redis_client
+    run_id = f"s-{uuid.uuid4().hex[:8]}"
+    save_run_config(client, RunConfig(run_id=run_id, iterations=2, queries_per_iteration=1, responses_per_query=4))
+    settings = trainer_settings.model_copy(update={"batch_size": 4, "block_ms": 100, "consumer": f"c-{run_id}"})
+    first = [s.model_copy(update={"adapter_version": "base"}) for s in _samples(run_id, 0, groups=1)]
+    second = _samples(run_id, 1, groups=1)
+    second = [s.model_copy(update={"adapter_version": "iter-0000" if i < 2 else "base"}) for i, s in enumerate(second)]
+    for iteration, batch in ((0, first), (1, second)):
+        for sample in batch:
+            publish(client, STREAM_SAMPLES, sample)
+        publish(client, STREAM_SAMPLES, IterationComplete(run_id=run_id, iteration=iteration, stage="reward", count=len(batch)))
+    worker = TrainerWorker(settings, client)
+    _run_until_done(worker, run_id, 1, timeout=300)
+
+    records = worker.state.done(run_id)
+    assert (records[0]["samples"], records[0]["stale"]) == (4, 0)  # iteration 0 samples the base: on-policy
+    assert (records[1]["samples"], records[1]["stale"]) == (2, 2)
+    path = AdapterStore(settings.adapter_root).path(run_id, "iter-0001")
+    assert json.loads((path / "trainer_state.json").read_text())["sample_ids"] == sorted(s.sample_id for s in second[:2])
