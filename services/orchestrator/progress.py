@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 import redis
 
+from shared.heartbeats import HEARTBEAT_TTL_S, live_replicas
 from shared.schemas import STREAM_ADAPTERS, STREAM_SAMPLES, AdapterStatus, IterationComplete, StreamPayload, decode_message
+
+log = logging.getLogger(__name__)
 
 
 class StageTimeout(TimeoutError):
@@ -66,16 +70,36 @@ def wait_for_samples(client: redis.Redis, run_id: str, iteration: int, timeout: 
     )
 
 
-def wait_for_adapter(client: redis.Redis, run_id: str, version: str, timeout: float, **kw) -> AdapterStatus:
-    """The first status any rollout replica published for ``version``; raises if it was rejected."""
-    status = wait_for(
-        client,
-        STREAM_ADAPTERS,
-        lambda p: isinstance(p, AdapterStatus) and p.run_id == run_id and p.version == version,
-        timeout=timeout,
-        what=f"adapter {version} of {run_id} to be loaded by the rollout service",
-        **kw,
-    )
-    if status.status != "loaded":
-        raise RuntimeError(f"rollout replica {status.replica} rejected adapter {version}: {status.reason}")
-    return status
+def wait_for_adapter(
+    client: redis.Redis, run_id: str, version: str, timeout: float, *, ttl_s: float = HEARTBEAT_TTL_S, **kw
+) -> AdapterStatus:
+    """Until every live rollout replica (``shared.heartbeats``) reports ``version`` loaded, and at least one
+    has; raises if one rejected it. A replica whose heartbeat stops while we wait leaves the set (logged),
+    and is no longer waited for. With no heartbeats at all (replicas without Redis), the first status counts."""
+    deadline = time.monotonic() + timeout
+    loaded: dict[str, AdapterStatus] = {}
+    last, live = "0-0", set()
+    on_tick = kw.get("on_tick")
+    while True:
+        while True:
+            status, last = find_payload(
+                client, STREAM_ADAPTERS, lambda p: isinstance(p, AdapterStatus) and p.run_id == run_id and p.version == version, last
+            )
+            if status is None:
+                break
+            if status.status != "loaded":
+                raise RuntimeError(f"rollout replica {status.replica} rejected adapter {version}: {status.reason}")
+            loaded.setdefault(status.replica, status)
+        now_live = live_replicas(client, ttl_s)
+        for gone in sorted(live - now_live):
+            log.warning("event=replica_left replica=%s detail=no heartbeat for %.0fs; not waited for", gone, ttl_s)
+        live = now_live
+        if loaded and live <= loaded.keys():
+            log.info("event=adapter_serving version=%s replicas=%s", version, ",".join(sorted(loaded)))
+            return next(iter(loaded.values()))
+        if time.monotonic() > deadline:
+            missing = ", ".join(sorted(live - loaded.keys())) or "any replica"
+            raise StageTimeout(f"timed out after {timeout:.0f}s waiting for {missing} to load adapter {version} of {run_id}")
+        if on_tick:
+            on_tick()
+        client.xread({STREAM_ADAPTERS: last}, block=1000, count=1)

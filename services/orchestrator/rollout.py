@@ -88,16 +88,25 @@ def query_list_regex(settings: RolloutSettings) -> str:
     return rf"\[{item}(, {item}){{0,{settings.examples_per_prompt - 1}}}\]"
 
 
+def gateway_urls(settings: RolloutSettings) -> list[str]:
+    """``gateway_url``: one gateway, or several comma-separated (rollout replicas), each without ``/v1``."""
+    urls = [u.strip().rstrip("/") for u in (settings.gateway_url or f"http://127.0.0.1:{settings.port}").split(",")]
+    return [u[:-3] if u.endswith("/v1") else u for u in urls if u]
+
+
 class RolloutWorker:
     def __init__(self, settings: RolloutSettings, client: redis.Redis):
         self.settings = settings
         self.redis = client
         self.run_id = settings.run_id
         key = settings.api_key_value() or "none"
-        base_url = (settings.gateway_url or f"http://127.0.0.1:{settings.port}").rstrip("/")
-        self.gateway_url = base_url[:-3] if base_url.endswith("/v1") else base_url
+        self.gateway_urls = gateway_urls(settings)
+        self.gateway_url = self.gateway_urls[0]  # query generation and the current version
         timeout = settings.request_timeout_s
-        self.sampler = openai.AsyncOpenAI(base_url=self.gateway_url + "/v1", api_key=key, timeout=timeout, max_retries=3)
+        # one client per replica: groups are spread over them round-robin (OpenRLHF spreads over its vLLM engines)
+        self.samplers = [
+            openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, timeout=timeout, max_retries=3) for url in self.gateway_urls
+        ]
         self.generator = openai.AsyncOpenAI(
             base_url=(settings.generator_base_url or self.gateway_url + "/v1"),
             api_key=settings.generator_api_key or key,
@@ -211,11 +220,13 @@ class RolloutWorker:
     # ---------------------------------------------------------------- 2. sample
 
     async def sample(
-        self, query: str, m: int, seed: int | None, model: str | None = None
+        self, query: str, m: int, seed: int | None, model: str | None = None, replica: int = 0
     ) -> tuple[list[str], list[str | None], str | None, int]:
-        """m responses to one query in one request; (responses, finish reasons, adapter version, completion tokens)."""
+        """m responses to one query in one request to gateway ``replica`` (modulo their number);
+        (responses, finish reasons, adapter version, completion tokens)."""
         settings = self.settings
-        raw = await self.sampler.chat.completions.with_raw_response.create(
+        sampler = self.samplers[replica % len(self.samplers)]
+        raw = await sampler.chat.completions.with_raw_response.create(
             model=model or settings.policy_name,
             messages=chat_messages(query),
             n=m,
@@ -252,7 +263,8 @@ class RolloutWorker:
         run_config = load_run_config(self.redis, self.run_id)
         if run_config is not None and run_config.seed is not None:  # the run's seed: plan rng and group seeds
             self.settings = self.settings.model_copy(update={"seed": run_config.seed})
-        await check_run_rope(self.gateway_url, self._api_key, run_config, fallback=self.settings.rope())
+        for url in self.gateway_urls:
+            await check_run_rope(url, self._api_key, run_config, fallback=self.settings.rope())
         k = k or (run_config.queries_in(iteration) if run_config else self.settings.queries_per_iteration)
         m = m or (run_config.responses_per_query if run_config else self.settings.responses_per_query)
         offline = offline if offline is not None else (run_config.offline if run_config else False)
@@ -278,7 +290,7 @@ class RolloutWorker:
             nonlocal parsed, total
             async with gate:
                 seed = group_seed(self.settings.seed, iteration, index)
-                responses, finish, served, tokens = await self.sample(item.query, m, seed, model)
+                responses, finish, served, tokens = await self.sample(item.query, m, seed, model, replica=index)
             gid = group_id(self.run_id, iteration, index)
             group = RolloutGroup(
                 run_id=self.run_id, iteration=iteration, group_id=gid, group_index=index, query=item.query,
@@ -320,7 +332,8 @@ class RolloutWorker:
         pipe.execute()
 
     async def aclose(self) -> None:
-        await self.sampler.close()
+        for sampler in self.samplers:
+            await sampler.close()
         await self.generator.close()
 
 

@@ -37,6 +37,7 @@ class StackConfig:
     common: dict = field(default_factory=dict)  # settings every service shares (models, adapter_root, ...)
     per_service: dict[str, dict] = field(default_factory=dict)
     startup_timeout: float = 600.0
+    rollout_replicas: int = 1  # rollout services (each with its own vLLM), named rollout, rollout-2, ...
 
 
 @dataclass
@@ -46,6 +47,11 @@ class StackInfo:
     redis_url: str
     urls: dict[str, str]
     config_path: str
+    rollout_urls: list[str] = field(default_factory=list)  # every replica; urls["rollout"] is the first
+
+    def gateway_urls(self) -> str:
+        """The rollout worker's ``gateway_url``: every replica, comma-separated."""
+        return ",".join(self.rollout_urls or [self.urls["rollout"]])
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.__dict__, indent=2))
@@ -55,6 +61,11 @@ class StackInfo:
         if not path.exists():
             raise FileNotFoundError(f"no running stack described at {path}: start one with `grace stack up`")
         return cls(**json.loads(path.read_text()))
+
+
+def _kind(name: str) -> str:
+    """The service a process runs: ``rollout-2`` -> ``rollout``."""
+    return name.split("-", 1)[0]
 
 
 class LocalStack:
@@ -72,8 +83,10 @@ class LocalStack:
         if not redis_url:
             self.redis = LocalRedis(data_dir=self.dir / "redis").start()
             redis_url = self.redis.url
-        ports = {name: self.config.ports.get(name) or free_port() for name in self.config.services if name in HEALTH_PATHS}
+        names = [n for name in self.config.services for n in self._instances(name)]
+        ports = {name: self.config.ports.get(name) or free_port() for name in names if _kind(name) in HEALTH_PATHS}
         urls = {name: f"http://{self.config.host}:{port}" for name, port in ports.items()}
+        rollout_urls = [urls[name] for name in self._instances("rollout") if name in urls]
         settings = {"common": {**self.config.common, "redis_url": redis_url}}
         for name, values in self.config.per_service.items():
             settings[name] = dict(values)
@@ -83,7 +96,7 @@ class LocalStack:
         config_path = self.dir / "settings.yaml"
         config_path.write_text(yaml.safe_dump(settings, sort_keys=False, allow_unicode=True))
         try:
-            for name in self.config.services:
+            for name in names:
                 self._start(name, ports.get(name), urls.get(name), config_path)
             for name, process in self.processes.items():
                 process.wait_healthy(timeout=self.config.startup_timeout)
@@ -91,20 +104,30 @@ class LocalStack:
         except BaseException:
             self.down()
             raise
-        self.info = StackInfo(redis_url=redis_url, urls=urls, config_path=str(config_path))
+        urls = {name: url for name, url in urls.items() if name == _kind(name)}  # one URL per service, the first replica
+        self.info = StackInfo(redis_url=redis_url, urls=urls, config_path=str(config_path), rollout_urls=rollout_urls)
         self.info.save(self.dir / "stack.json")
         return self.info
 
+    def _instances(self, name: str) -> list[str]:
+        """Process names of a service: ``rollout``, ``rollout-2``, ... for rollout replicas, else the name."""
+        count = self.config.rollout_replicas if name == "rollout" else 1
+        return [name] + [f"{name}-{i}" for i in range(2, count + 1)]
+
     def _start(self, name: str, port: int | None, url: str | None, config_path: Path) -> None:
-        command = [sys.executable, "-m", "shared.cli", "serve", name]
+        kind = _kind(name)
+        command = [sys.executable, "-m", "shared.cli", "serve", kind]
         if port is not None:
             command += ["--host", self.config.host, "--port", str(port)]
+        env = {"GRACE_CONFIG": str(config_path), "PYTHONUNBUFFERED": "1"}
+        if kind == "rollout" and self.config.rollout_replicas > 1:  # one adapter consumer group per replica
+            env["GRACE_ROLLOUT_REPLICA"] = f"{self.dir.name}-{name}"
         process = ServiceProcess(
             name,
             command,
             self.dir / "logs" / f"{name}.log",
-            health_url=f"{url}{HEALTH_PATHS[name]}" if url else None,
-            env={"GRACE_CONFIG": str(config_path), "PYTHONUNBUFFERED": "1"},
+            health_url=f"{url}{HEALTH_PATHS[kind]}" if url else None,
+            env=env,
         )
         self.processes[name] = process.start()
 

@@ -23,6 +23,7 @@ import httpx
 import redis
 
 from services.rollout.registry import AdapterRecord, AdapterRegistry
+from shared import heartbeats
 from shared.adapters import ADAPTER_FILES, AdapterStore, adapter_checksum, adapter_rank
 from shared.schemas import STREAM_ADAPTERS, AdapterEvent, AdapterStatus
 from shared.streams import StreamConsumer, StreamEntry, prune_idle_groups, publish
@@ -143,9 +144,25 @@ class AdapterManager:
     def stop(self) -> None:
         self._stop.set()
 
+    def heartbeat(self, every_s: float = heartbeats.HEARTBEAT_TTL_S / 5) -> None:
+        """Announces the replica (``shared.heartbeats``) until stopped, in its own thread so a slow adapter
+        load never looks like a dead replica; leaves the set on a clean stop."""
+        while True:
+            try:
+                heartbeats.beat(self.redis, self.replica)
+            except redis.RedisError as exc:  # Redis restarting: beat again when it is back
+                log.warning("event=heartbeat_failed error=%s", type(exc).__name__)
+            if self._stop.wait(every_s):
+                break
+        try:
+            heartbeats.leave(self.redis, self.replica)
+        except redis.RedisError:
+            pass
+
     def start_thread(self) -> threading.Thread:
-        thread = threading.Thread(target=self.run, name=f"adapter-manager-{self.replica}", daemon=True)
-        thread.start()
+        for target, name in ((self.heartbeat, "heartbeat"), (self.run, "adapter-manager")):
+            thread = threading.Thread(target=target, name=f"{name}-{self.replica}", daemon=True)
+            thread.start()
         return thread
 
     # ---------------------------------------------------------------- vLLM side

@@ -63,7 +63,10 @@ class RolloutSettings(ServiceSettings):
     )
 
     # ---------------------------------------------------------------- worker (paper 3.2-3.3)
-    gateway_url: str | None = Field(None, description="OpenAI base URL the worker samples from (unset = http://127.0.0.1:<port>)")
+    gateway_url: str | None = Field(
+        None, description="OpenAI base URL the worker samples from, or several comma-separated (rollout replicas: groups "
+        "are spread over them round-robin); unset = http://127.0.0.1:<port>",
+    )
     generator_base_url: str | None = Field(None, description="query generator endpoint (unset = the gateway)")
     generator_model: str | None = Field(None, description="query generator model (unset = the current policy)")
     generator_api_key: str | None = Field(None, description="key for the generator endpoint (unset = api_key)")

@@ -38,6 +38,7 @@ class AdapterRegistry:
         self._current = AdapterRecord(version="base", model=base_model, path=None, checksum=None)
         self._base_model = base_model
         self._in_flight: dict[str, int] = {}
+        self._requests: dict[str, int] = {}  # `policy` requests served per adapter version, since start
         self._retiring: dict[str, AdapterRecord] = {}
         self._history: list[AdapterRecord] = [self._current]
         self._history_size = history_size
@@ -52,6 +53,7 @@ class AdapterRegistry:
         with self._lock:
             record = self._current
             self._in_flight[record.model] = self._in_flight.get(record.model, 0) + 1
+            self._requests[record.version] = self._requests.get(record.version, 0) + 1
             return record
 
     def release(self, model: str) -> None:
@@ -102,5 +104,6 @@ class AdapterRegistry:
                 "current": asdict(self._current),
                 "retiring": [asdict(r) for r in self._retiring.values()],
                 "in_flight": dict(self._in_flight),
+                "requests": dict(self._requests),
                 "history": [asdict(r) for r in reversed(self._history)],
             }
