@@ -31,6 +31,12 @@ class Metrics(BaseModel):
     relevance_document: float = Field(description="Rd: BGE-M3 query vs document")
 
 
+# The paper's symbols for the Metrics fields: the names of per-metric logs and health figures.
+METRIC_SYMBOLS: dict[str, str] = {
+    "L": "length", "E": "diversity", "P": "professionalism", "PPL_G": "general_perplexity",
+    "PPL_D": "domain_perplexity", "Rs": "relevance_summary", "Rd": "relevance_document",
+}  # fmt: skip
+
 QuerySource = Literal["generated", "seed_fallback", "offline"]
 FINISH_TRUNCATED = "length"  # OpenAI finish_reason of a response cut by max_tokens or the window
 
@@ -223,6 +229,39 @@ class CalibrateGroup(BaseModel):
 class CalibrateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     groups: list[CalibrateGroup] = Field(min_length=1)
+
+
+class GetRewardRequest(BaseModel):
+    """OpenRLHF's remote reward body (``--remote_rm_url``): one entry per sample, flat lists."""
+
+    model_config = ConfigDict(extra="forbid")
+    query: list[str] = Field(min_length=1, description="prompt + response of each sample, as the policy saw them")
+    prompts: list[NonEmptyStr] = Field(
+        description="the prompt of each sample, a prefix of its query; samples sharing a prompt form one group"
+    )
+    labels: list | None = Field(None, description="OpenRLHF's --label_key values: accepted, not used")
+    metas: list | None = Field(None, description="sent by newer OpenRLHF versions: accepted, not used")
+
+    @model_validator(mode="after")
+    def _one_prompt_per_query(self) -> "GetRewardRequest":
+        if len(self.prompts) != len(self.query):
+            raise ValueError(f"prompts has {len(self.prompts)} entries for {len(self.query)} queries")
+        return self
+
+
+class GetRewardResponse(BaseModel):
+    """OpenRLHF's remote reward answer, one entry per sample in request order."""
+
+    rewards: list[float] = Field(
+        description="the group Z of eq. 6-7 (higher = better, mean 0 over the group's parsed samples); "
+        "an unparsed sample gets 1 less than the lowest Z of its group"
+    )
+    scores: list[float] = Field(description="the calibrated weight W of eq. 8-9 over the whole call (-1 when unparsed)")
+    extra_logs: dict[str, list[float]] = Field(
+        description="per-sample lists logged by OpenRLHF: each metric by symbol (L, E, P, PPL_G, PPL_D, Rs, Rd; "
+        "0 when unparsed), parsed (1/0), rank_sum (0 when unparsed) and zero_variance_group (1 if the sample's "
+        "group carries no ranking signal)"
+    )
 
 
 # --------------------------------------------------------------------------- judge API

@@ -22,10 +22,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.reward.config import RewardSettings
+from services.reward.openrlhf import group_by_prompt, prefix_mismatches, remote_reward
 from services.reward.scorer import ComputeStats, Scorer, score_response
 from services.reward.telemetry import Telemetry
+from shared.group_health import Outcome, group_health
 from shared.http_edge import APIError, BodyLimit, bearer_key, error_responses, field_error, install_error_handlers, limit_schema
-from shared.schemas import CalibrateRequest, ScoreRequest, ScoreResponse
+from shared.schemas import CalibrateRequest, GetRewardRequest, GetRewardResponse, ScoreRequest, ScoreResponse
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,32 @@ def check_score_limits(body: ScoreRequest, s: RewardSettings) -> None:
                 errors.append(
                     field_error(("groups", g, "responses", r), f"response longer than {s.max_response_chars} characters")
                 )
+    if errors:
+        raise RequestValidationError(errors[:20])
+
+
+def check_get_reward_limits(body: GetRewardRequest, s: RewardSettings) -> None:
+    """422 naming the field: every query starts with its prompt, and the groups the prompts form keep
+    /v1/score's limits (max_groups distinct prompts, max_responses samples per prompt, text sizes)."""
+    errors = [
+        field_error(("query", i), f"does not start with prompts.{i}: the response is the query without its prompt")
+        for i in prefix_mismatches(body.query, body.prompts)[:20]
+    ]
+    first: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    for i, prompt in enumerate(body.prompts):
+        first.setdefault(prompt, i)
+        sizes[prompt] = sizes.get(prompt, 0) + 1
+    if len(first) > s.max_groups:
+        errors.append(field_error(("prompts",), f"at most {s.max_groups} distinct prompts (groups) per request, got {len(first)}"))
+    for prompt, i in list(first.items())[: s.max_groups]:
+        if len(prompt) > s.max_query_chars:
+            errors.append(field_error(("prompts", i), f"prompt longer than {s.max_query_chars} characters"))
+        if sizes[prompt] > s.max_responses:
+            errors.append(field_error(("prompts", i), f"{sizes[prompt]} samples share this prompt; at most {s.max_responses} per group"))
+    for i, (query, prompt) in enumerate(zip(body.query, body.prompts)):
+        if query.startswith(prompt) and len(query) - len(prompt) > s.max_response_chars:
+            errors.append(field_error(("query", i), f"response longer than {s.max_response_chars} characters"))
     if errors:
         raise RequestValidationError(errors[:20])
 
@@ -181,6 +209,12 @@ def create_app(settings: RewardSettings | None = None) -> FastAPI:
         },
         "CalibrateRequest": {"groups": {"maxItems": settings.max_groups}},
         "CalibrateGroup": {"responses": {"maxItems": settings.max_responses}},
+        "GetRewardRequest": {
+            "query": {"maxItems": settings.max_groups * settings.max_responses,
+                      "items": {"maxLength": settings.max_query_chars + settings.max_response_chars}},
+            "prompts": {"maxItems": settings.max_groups * settings.max_responses,
+                        "items": {"maxLength": settings.max_query_chars}},
+        },
     })  # fmt: skip
 
     def unavailable(detail: str) -> APIError:
@@ -218,17 +252,14 @@ def create_app(settings: RewardSettings | None = None) -> FastAPI:
         """Prometheus metrics, in Prometheus' text format."""
         return Response(generate_latest(telemetry.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post(
-        "/v1/score", response_model=ScoreResponse, tags=["reward"], dependencies=authorized,
-        responses={**errors, **error_responses(503)},
-    )  # fmt: skip
-    async def score(body: ScoreRequest) -> ScoreResponse:
-        """Scores every response (metrics of paper 3.3), then calibrates the request's groups as one dataset (eq. 5-9)."""
-        check_score_limits(body, settings)
+    async def score_groups(
+        route: str, groups: list[tuple[str, list[str]]], finish_reasons: list[list[str | None] | None]
+    ) -> ScoreResponse:
+        """The scoring path of every scoring route: admission (503 when busy or loading), the scorer, then
+        eq. 5-9 over the request's groups as one dataset; records the request's group health."""
         scorer = state.scorer
         if scorer is None:
             raise unavailable(f"models not loaded ({'failed' if state.load_error else 'loading'})")
-        groups = [(g.query, g.responses) for g in body.groups]
         started = time.perf_counter()
         try:
             async with state.admission.enter():
@@ -236,19 +267,44 @@ def create_app(settings: RewardSettings | None = None) -> FastAPI:
         except Busy:
             raise unavailable("scoring queue full, retry later") from None
         seconds = time.perf_counter() - started
-        telemetry.latency.labels("/v1/score").observe(seconds)
+        telemetry.latency.labels(route).observe(seconds)
         _count(telemetry, stats, scored)
         log.info(
-            "event=scored groups=%d responses=%d seconds=%.3f",
-            len(groups), sum(len(m) for m in scored), seconds,
+            "event=scored route=%s groups=%d responses=%d seconds=%.3f",
+            route, len(groups), sum(len(m) for m in scored), seconds,
         )  # fmt: skip
         response = score_response(
-            [(g.query, m) for g, m in zip(body.groups, scored)], degenerate_groups=settings.degenerate_groups
+            [(query, m) for (query, _), m in zip(groups, scored)], degenerate_groups=settings.degenerate_groups
         )
-        for group, result in zip(body.groups, response.groups):  # echoed: 'length' marks a truncated response
-            for item, finish in zip(result.results, group.finish_reasons or []):
+        for finishes, result in zip(finish_reasons, response.groups):  # echoed: 'length' marks a truncated response
+            for item, finish in zip(result.results, finishes or []):
                 item.finish_reason = finish
+        outcomes = [[Outcome.from_row(r.model_dump()) for r in g.results] for g in response.groups]
+        telemetry.record_health("request", group_health(outcomes))
         return response
+
+    @app.post(
+        "/v1/score", response_model=ScoreResponse, tags=["reward"], dependencies=authorized,
+        responses={**errors, **error_responses(503)},
+    )  # fmt: skip
+    async def score(body: ScoreRequest) -> ScoreResponse:
+        """Scores every response (metrics of paper 3.3), then calibrates the request's groups as one dataset (eq. 5-9)."""
+        check_score_limits(body, settings)
+        groups = [(g.query, g.responses) for g in body.groups]
+        return await score_groups("/v1/score", groups, [g.finish_reasons for g in body.groups])
+
+    @app.post(
+        "/get_reward", response_model=GetRewardResponse, tags=["integrations"], dependencies=authorized,
+        responses={**errors, **error_responses(503)},
+    )  # fmt: skip
+    async def get_reward(body: GetRewardRequest) -> GetRewardResponse:
+        """OpenRLHF's remote reward (``--remote_rm_url``): samples sharing a prompt form a group, scored and
+        calibrated as /v1/score does; ``rewards`` = the group Z, ``scores`` = the weight W, ``extra_logs`` = the
+        metrics per sample."""
+        check_get_reward_limits(body, settings)
+        groups = group_by_prompt(body.query, body.prompts)
+        scored = await score_groups("/get_reward", list(zip(groups.prompts, groups.responses)), [None] * len(groups.prompts))
+        return remote_reward(groups, scored)
 
     @app.post("/v1/calibrate", response_model=ScoreResponse, tags=["reward"], dependencies=authorized, responses=errors)
     def calibrate(body: CalibrateRequest) -> ScoreResponse:

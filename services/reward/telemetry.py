@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from shared.group_health import GroupHealth
+from shared.schemas import METRIC_SYMBOLS
+
+# Group-health gauges hold the last batch measured by each source: "iteration" (the worker's last finalized
+# iteration) and "request" (the last /v1/score or /get_reward call).
+HEALTH_SOURCES = ("iteration", "request")
 
 
 class Telemetry:
@@ -25,3 +34,36 @@ class Telemetry:
         self.samples_published = Counter("grace_reward_worker_samples", "weighted samples published", registry=r)
         self.iterations = Counter("grace_reward_worker_iterations", "iterations finalized by this process", registry=r)
         self.worker_errors = Counter("grace_reward_worker_errors", "worker batches that failed", registry=r)
+        self.health_groups = Gauge("grace_reward_health_groups", "groups in the last batch measured", ["source"], registry=r)
+        self.zero_variance_share = Gauge(
+            "grace_reward_zero_variance_share", "share of groups with no ranking signal (< 2 parsed or all Z = 0)",
+            ["source"], registry=r,
+        )  # fmt: skip
+        self.parse_rate = Gauge("grace_reward_parse_rate", "share of responses parsed", ["source"], registry=r)
+        self.truncation_rate = Gauge(
+            "grace_reward_truncation_rate", "share of responses cut by the token limit (finish_reason 'length'), "
+            "among those whose finish_reason is known", ["source"], registry=r,
+        )  # fmt: skip
+        self.metric_mean = Gauge(
+            "grace_reward_metric_mean", "mean of a metric over parsed responses", ["source", "metric"], registry=r
+        )
+        self.metric_std = Gauge(
+            "grace_reward_metric_std", "population std of a metric over parsed responses", ["source", "metric"], registry=r
+        )
+        self.health_iteration = Gauge("grace_reward_health_iteration", "iteration of the source='iteration' gauges", registry=r)
+
+    def record_health(self, source: str, health: GroupHealth) -> None:
+        """Sets the group-health gauges of ``source`` to one batch's figures; one the batch cannot give (no
+        finish reason known, no parsed response) is NaN, so no gauge shows an older batch's value."""
+        if source not in HEALTH_SOURCES:
+            raise ValueError(f"health source must be one of {HEALTH_SOURCES}, not {source!r}")
+        self.health_groups.labels(source).set(health.groups)
+        for gauge, value in (
+            (self.zero_variance_share, health.zero_variance_share),
+            (self.parse_rate, health.parse_rate),
+            (self.truncation_rate, health.truncation_rate),
+        ):
+            gauge.labels(source).set(math.nan if value is None else value)
+        for symbol in METRIC_SYMBOLS:
+            self.metric_mean.labels(source, symbol).set(health.metric_mean.get(symbol, math.nan))
+            self.metric_std.labels(source, symbol).set(health.metric_std.get(symbol, math.nan))

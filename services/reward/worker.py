@@ -23,6 +23,7 @@ from services.reward.calibration import DegenerateGroups, calibrate
 from services.reward.config import RewardSettings
 from services.reward.state import MARKER_ID, IterationState, ScoredGroup
 from services.reward.telemetry import Telemetry
+from shared.group_health import GroupHealth, Outcome, group_health
 from shared.schemas import STREAM_ROLLOUTS, STREAM_SAMPLES, IterationComplete, RolloutGroup, WeightedSample, entry_identity
 from shared.streams import StreamConsumer, StreamEntry
 
@@ -49,6 +50,15 @@ def weighted_samples(scored: list[ScoredGroup], degenerate_groups: DegenerateGro
                 )  # fmt: skip
             )
     return samples
+
+
+def samples_health(samples: list[WeightedSample]) -> GroupHealth:
+    """Group health of one iteration's weighted samples (groups by ``group_id``)."""
+    groups: dict[str, list[Outcome]] = {}
+    for s in samples:
+        metrics = s.metrics.model_dump() if s.metrics else None
+        groups.setdefault(s.group_id, []).append(Outcome(s.parsed, s.z, s.finish_reason, metrics))
+    return group_health(list(groups.values()))
 
 
 class RewardWorker:
@@ -184,7 +194,12 @@ class RewardWorker:
         state.expire()
         self.telemetry.samples_published.inc(added)
         self.telemetry.iterations.inc()
+        health = samples_health(samples)
+        self.telemetry.record_health("iteration", health)
+        self.telemetry.health_iteration.set(state.iteration)
         log.info(
-            "event=iteration_finalized run=%s iteration=%d samples=%d newly_published=%d dropped_groups=%d seconds=%.2f",
-            state.run_id, state.iteration, len(samples), added, len(state.dropped()), time.perf_counter() - started,
+            "event=iteration_finalized run=%s iteration=%d samples=%d newly_published=%d dropped_groups=%d "
+            "zero_variance_share=%s parse_rate=%s truncation_rate=%s seconds=%.2f",
+            state.run_id, state.iteration, len(samples), added, len(state.dropped()), health.zero_variance_share,
+            health.parse_rate, health.truncation_rate, time.perf_counter() - started,
         )  # fmt: skip

@@ -8,10 +8,12 @@ from collections import Counter
 
 import pytest
 
+from services.orchestrator.loop import iteration_record
 from services.reward.state import IterationState
-from services.reward.worker import RewardWorker, weighted_samples
+from services.reward.worker import RewardWorker, samples_health, weighted_samples
 from shared.local_redis import free_port
 from shared.process import ServiceProcess
+from shared.runs import samples_file, write_samples_file
 from shared.schemas import STREAM_ROLLOUTS, STREAM_SAMPLES, IterationComplete, RolloutGroup, WeightedSample, decode_message
 from shared.streams import publish
 from tests.fixtures.reward import ROOT, model_env, model_settings
@@ -89,7 +91,7 @@ def run_workers(workers: list[RewardWorker], until, timeout: float = 120.0):
             t.join(timeout=30)
 
 
-def test_an_iteration_in_weighted_samples_and_marker_out(redis_client, reward_scorer, tiny_models):
+def test_an_iteration_in_weighted_samples_and_marker_out(redis_client, reward_scorer, tiny_models, tmp_path):
     groups = make_groups("r1", 0, 3)
     for g in groups:
         publish(redis_client, STREAM_ROLLOUTS, g)
@@ -103,6 +105,18 @@ def test_an_iteration_in_weighted_samples_and_marker_out(redis_client, reward_sc
     state = IterationState(redis_client, "r1", 0)
     assert [s.weight for s in weighted_samples(state.load_all())] == [s.weight for s in samples]
     assert redis_client.xpending(STREAM_ROLLOUTS, "reward")["pending"] == 0  # all acked
+    # group health of the finalized iteration in /metrics, the same figures as the run's iteration record
+    gauge = worker.telemetry.registry.get_sample_value
+    assert gauge("grace_reward_health_iteration") == 0 and gauge("grace_reward_health_groups", {"source": "iteration"}) == 3
+    assert gauge("grace_reward_parse_rate", {"source": "iteration"}) == pytest.approx(9 / 11)
+    assert gauge("grace_reward_truncation_rate", {"source": "iteration"}) == pytest.approx(5 / 11)  # 2 + 1 + 2 'length'
+    lengths = [s.metrics.length for s in samples if s.parsed]
+    assert gauge("grace_reward_metric_mean", {"source": "iteration", "metric": "L"}) == pytest.approx(sum(lengths) / 9)
+    record = iteration_record(write_samples_file(samples_file(tmp_path, "r1", 0), samples))
+    for key, value in samples_health(samples).flat().items():
+        assert record[key] == pytest.approx(value), key
+    assert record["zero_variance_share"] == gauge("grace_reward_zero_variance_share", {"source": "iteration"})
+    assert record["L_std"] == pytest.approx(gauge("grace_reward_metric_std", {"source": "iteration", "metric": "L"}))
 
 
 def test_two_workers_share_groups_and_normalize_once(redis_client, reward_scorer, tiny_models):

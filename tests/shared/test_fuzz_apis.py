@@ -50,7 +50,7 @@ def fuzz(schema, operation: str, mode: GenerationMode, headers: dict | None = No
         mode = GenerationMode.POSITIVE  # nothing to make invalid: the plain request must still hold the contract
     strategy = api_operation.as_strategy(mode)
     if mode == GenerationMode.POSITIVE:
-        strategy = strategy.filter(one_finish_reason_per_response)
+        strategy = strategy.filter(one_finish_reason_per_response).map(openrlhf_shaped)
 
     @FUZZ
     @given(case=strategy)
@@ -74,13 +74,28 @@ def one_finish_reason_per_response(case) -> bool:
     )
 
 
+def openrlhf_shaped(case):
+    """Positive /get_reward bodies as OpenRLHF sends them: one prompt per query, each query = prompt + response,
+    within the service's per-group limits (rules JSON Schema cannot say; the field descriptions do)."""
+    body = case.body
+    if case.path == "/get_reward" and isinstance(body, dict) and isinstance(body.get("query"), list) and isinstance(
+        body.get("prompts"), list
+    ):
+        prompts = (body["prompts"] or ["p"])[:3]  # max_groups: 3 distinct prompts
+        query = body["query"][: len(prompts) * 4] or [""]  # max_responses: 4 per prompt
+        pairs = [(prompts[i % len(prompts)], q[:100]) for i, q in enumerate(query)]
+        body["prompts"] = [p for p, _ in pairs]
+        body["query"] = [p + r for p, r in pairs]
+    return case
+
+
 def operations(schema) -> set[str]:
     return {f"{op.ok().method.upper()} {op.ok().path}" for op in schema.get_all_operations()}
 
 
 # ----------------------------------------------------------------------------------------------- reward
 
-REWARD_OPERATIONS = ["GET /health", "GET /ready", "GET /metrics", "POST /v1/score", "POST /v1/calibrate"]
+REWARD_OPERATIONS = ["GET /health", "GET /ready", "GET /metrics", "POST /v1/score", "POST /v1/calibrate", "POST /get_reward"]
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +236,7 @@ def test_schemas_declare_auth_only_with_a_key(key):
 @pytest.mark.parametrize("name, operation, codes", [
     ("reward", "POST /v1/score", {"400", "401", "413", "422", "503"}),
     ("reward", "POST /v1/calibrate", {"400", "401", "413", "422"}),
+    ("reward", "POST /get_reward", {"400", "401", "413", "422", "503"}),
     ("judge", "POST /v1/judge", {"400", "401", "413", "422", "502"}),
     ("judge", "POST /v1/judge/batch", {"400", "401", "413", "422"}),
     ("gateway", "GET /v1/models", {"401", "503"}),
