@@ -8,6 +8,23 @@ from typing import Optional
 
 import typer
 
+REPORT_TO_HELP = (
+    "also record trainer steps, iteration records and evaluation tables in: none, all, or a comma-separated "
+    "list of tensorboard, mlflow, wandb (files under the run folder's tracking/; MLflow local unless "
+    "MLFLOW_TRACKING_URI is set, W&B offline unless WANDB_MODE is set)"
+)
+
+
+def report_to_option(value: str) -> tuple[str, ...]:
+    """``--report-to`` checked before any work starts: an unknown backend or a missing package is a usage error."""
+    from shared.tracking import parse_report_to
+
+    try:
+        return parse_report_to(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--report-to") from None
+
+
 stack_app = typer.Typer(help="The local stack: Redis + rollout, reward, trainer, judge.", no_args_is_help=True)
 
 
@@ -18,6 +35,7 @@ def up(
     policy_model: Optional[str] = typer.Option(None, help="policy model folder (default: settings / tiny set)"),
     adapter_root: Optional[Path] = typer.Option(None, help="adapter store (default: <stack-dir>/adapters)"),
     run_root: Optional[Path] = typer.Option(None, help="run folders (default: runs)"),
+    rollout_replicas: int = typer.Option(1, min=1, help="rollout services, each with its own vLLM; runs spread sampling over them"),
 ) -> None:
     """Start the stack, print its URLs, restart services that die; Ctrl-C stops everything."""
     import logging
@@ -29,11 +47,13 @@ def up(
     if policy_model:
         common["policy_model"] = policy_model
     names = tuple(s.strip() for s in services.split(",") if s.strip())
-    stack = LocalStack(StackConfig(stack_dir=stack_dir, services=names, common=common))
+    stack = LocalStack(StackConfig(stack_dir=stack_dir, services=names, common=common, rollout_replicas=rollout_replicas))
     try:
         info = stack.up()
         for name, url in info.urls.items():
             typer.echo(f"{name:8s} {url}")
+        for i, url in enumerate(info.rollout_urls[1:], start=2):
+            typer.echo(f"rollout-{i} {url}")
         typer.echo(f"redis    {info.redis_url}\nlogs     {stack.dir / 'logs'}\nstack up; Ctrl-C to stop")
         stack.supervise()
     except Exception as exc:
@@ -61,16 +81,20 @@ def run(
     run_root: Path = typer.Option(Path("runs"), help="the run folder is <run-root>/<run-id>"),
     eval_limit: int = typer.Option(8, help="held-out requests evaluated per iteration"),
     judge: bool = typer.Option(False, help="also judge the held-out responses with the judge service"),
+    report_to: str = typer.Option("none", "--report-to", help=REPORT_TO_HELP),
 ) -> None:
     """A semi-online GRACE-KTO run on a running stack; writes runs/<id>/report.md."""
     from services.orchestrator.loop import RunOptions, SemiOnlineRun
     from services.orchestrator.stack import StackInfo
     from shared.runs import RunConfig
+    from shared.tracking import TrackingOptions
 
+    tracking = TrackingOptions(report_to=report_to_option(report_to))
     info = StackInfo.load(stack_dir / "stack.json")
     config = RunConfig.from_budget(run_id, total_queries=total_queries, k=queries, iterations=iterations,
                                    offline=offline, responses_per_query=responses, loss=loss, epochs=epochs)  # fmt: skip
-    SemiOnlineRun(RunOptions(config=config, run_dir=run_root / run_id, eval_limit=eval_limit, judge=judge), info).run()
+    options = RunOptions(config=config, run_dir=run_root / run_id, eval_limit=eval_limit, judge=judge, tracking=tracking)
+    SemiOnlineRun(options, info).run()
 
 
 def demo(
@@ -128,6 +152,7 @@ def experiment(
     stack_dir: Optional[Path] = typer.Option(None, help="use this running stack (its stack.json); default: bring up the tiny stack"),
     run_root: Path = typer.Option(Path("runs"), help="outputs go to <run-root>/<name>/"),
     sft_dir: Path = typer.Option(Path("runs/demo"), help="own tiny stack: the demo's SFT policy is built or reused here"),
+    report_to: str = typer.Option("none", "--report-to", help=REPORT_TO_HELP.replace("the run folder's ", "<run-root>/<name>/")),
 ) -> None:
     """The paper's comparison: every method, same budget, S seeds; table, paired test, figures; last line JSON."""
     import json
@@ -137,7 +162,7 @@ def experiment(
     options = ExperimentOptions(
         name=name, methods=tuple(x.strip() for x in methods.split(",") if x.strip()), seeds=seeds,
         total_queries=total_queries or None, k=k, m=m, iterations=iterations, epochs=epochs, eval_limit=eval_limit or None,
-        eval_n=eval_n, run_root=run_root, stack_dir=stack_dir, sft_dir=sft_dir,
+        eval_n=eval_n, run_root=run_root, stack_dir=stack_dir, sft_dir=sft_dir, report_to=report_to_option(report_to),
     )  # fmt: skip
     typer.echo(json.dumps(run_experiment(options)))
 

@@ -17,6 +17,9 @@ other cell's curve. Each cell's final policy is evaluated the same way.
 
 Outputs in ``<run-root>/<experiment>/``: ``table.md``, ``comparison.md``, ``figure1_zscores.png``,
 ``figure3_iterations.png``, ``experiment.json``; the command prints the JSON contract as its last line.
+With ``--report-to``, every cell is a run of its own in ``<run-root>/<experiment>/tracking/`` (TensorBoard
+``tensorboard/<cell>``, one MLflow experiment or W&B group named after the experiment), and a run named
+after the experiment holds the method table and the cells' final values.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from rich.console import Console
 from services.orchestrator import stats
 from services.orchestrator.stack import StackInfo
 from shared.jsonl import read_jsonl
+from shared.tracking import RunRecorder, TrackingOptions, open_tracker, parse_report_to
 
 METHODS = ("sft", "kto", "dpo", "orpo", "grace_offline", "grace", "grpo")
 TRAINED = {"kto": ("kto", False), "dpo": ("dpo", False), "orpo": ("orpo", False),
@@ -57,8 +61,10 @@ class ExperimentOptions:
     stack_dir: Path | None = None  # a running stack (its stack.json); None = bring up the tiny stack
     sft_dir: Path = Path("runs/demo")  # own stack: the demo's SFT policy is built (or reused) here
     stage_timeout_s: float = 3600.0
+    report_to: tuple[str, ...] = ()  # tracking backends (shared.tracking); () = nothing recorded
 
     def __post_init__(self) -> None:
+        self.report_to = parse_report_to(self.report_to)
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
@@ -90,6 +96,7 @@ def run_experiment(options: ExperimentOptions, info: StackInfo | None = None, co
             with console.status("stopping the stack"):
                 stack.down()
     contract = write_outputs(options, cells, out)
+    track_summary(options, contract, cells, out)
     console.print(f"experiment {options.name}: {len(cells)} cells in {time.perf_counter() - started:.0f}s; "
                   f"table {out / 'table.md'}")  # fmt: skip
     return contract
@@ -107,6 +114,28 @@ def _own_stack(options: ExperimentOptions, out: Path, console: Console):
     with console.status("starting Redis, rollout (vLLM), reward, trainer, judge"):
         info = stack.up()
     return stack, info
+
+
+def tracking_options(options: ExperimentOptions) -> TrackingOptions:
+    """Every cell tracks into the experiment's own folder, side by side (``<run-root>/<name>/tracking``)."""
+    out = (Path(options.run_root) / options.name).resolve()
+    return TrackingOptions(report_to=options.report_to, directory=out / "tracking", group=options.name)
+
+
+def track_summary(options: ExperimentOptions, contract: dict, cells: list[dict], out: Path) -> None:
+    """The experiment's own tracked run: the method table (``methods``) and each cell's final values (``cells``)."""
+    tracker = open_tracker(tracking_options(options), out, options.name, {k: str(v) for k, v in asdict(options).items()})
+    if not tracker:
+        return
+    try:
+        methods = contract["methods"]
+        tracker.log_table("methods", [{"method": m, "avg_rank": t["avg_rank"],
+                                       **{s: v["mean"] for s, v in t["metrics"].items()}} for m, t in methods.items()])  # fmt: skip
+        tracker.log_metrics(0, {f"avg_rank/{m}": t["avg_rank"] for m, t in methods.items()})
+        tracker.log_table("cells", [{"method": c["method"], "seed": c["seed"], "run_id": c["run_id"], "final_label": c["final_label"],
+                                     **{s: c["final"].get(k) for s, k in stats.METRICS.items()}} for c in cells])  # fmt: skip
+    finally:
+        tracker.close()
 
 
 def _cells_root(info: StackInfo) -> Path:
@@ -159,7 +188,7 @@ def _base_cell(options: ExperimentOptions, info: StackInfo, root: Path, seed: in
         _progress(console, tag, cell)
         return cell
     started = time.perf_counter()
-    settings = load_settings(RolloutSettings, info.config_path, run_id=run_id, gateway_url=info.urls["rollout"])
+    settings = load_settings(RolloutSettings, info.config_path, run_id=run_id, gateway_url=info.gateway_urls())
     with console.status(f"{tag} {BASELINE} seed {seed}: evaluating the starting policy"):
         summary = run_eval(
             EvalOptions(
@@ -173,6 +202,11 @@ def _base_cell(options: ExperimentOptions, info: StackInfo, root: Path, seed: in
     values = summary["policies"][BASE_LABEL]
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"time": time.time(), "stage": "eval", "label": BASE_LABEL, **values}) + "\n")
+    tracker = open_tracker(tracking_options(options), run_dir, run_id, {"method": BASELINE, "seed": seed})
+    try:
+        RunRecorder(tracker, run_dir).record({"stage": "eval", "label": BASE_LABEL, **values})
+    finally:
+        tracker.close()
     cell = {"method": BASELINE, "seed": seed, "run_id": run_id, "dir": str(run_dir), "final_label": BASE_LABEL,
             "final": values, "records": str(run_dir / "eval" / BASE_LABEL / "responses.jsonl"),
             "seconds": time.perf_counter() - started}  # fmt: skip
@@ -211,7 +245,8 @@ def _trained_cell(options: ExperimentOptions, info: StackInfo, root: Path, metho
     started = time.perf_counter()
     run_options = RunOptions(config=config, run_dir=run_dir, eval_limit=options.eval_limit,
                              eval_max_tokens=options.eval_max_tokens, eval_n=options.eval_n,
-                             eval_seed=_eval_seed(seed), stage_timeout_s=options.stage_timeout_s)  # fmt: skip
+                             eval_seed=_eval_seed(seed), stage_timeout_s=options.stage_timeout_s,
+                             tracking=tracking_options(options))  # fmt: skip
     status = (f"{tag} {method} seed {seed}: {config.iterations} round(s) of K={config.queries_per_iteration}, "
               f"m={config.responses_per_query}, loss {loss}")  # fmt: skip
     with open(run_dir / "console.log", "a", encoding="utf-8") as log_file, console.status(status):

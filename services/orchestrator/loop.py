@@ -29,11 +29,13 @@ from rich.table import Table
 from services.orchestrator.progress import wait_for_adapter, wait_for_samples
 from services.orchestrator.stack import StackInfo
 from shared.adapters import adapter_version
+from shared.group_health import Outcome, group_health
 from shared.jsonl import read_jsonl
 from shared.local_redis import connect
 from shared.runs import RunConfig, load_run_config, read_samples_file, samples_file, save_run_config
 from shared.schemas import FINISH_TRUNCATED
 from shared.settings import load_settings
+from shared.tracking import RunRecorder, TrackingOptions, open_tracker
 
 if TYPE_CHECKING:
     from services.orchestrator.rollout import IterationResult
@@ -56,6 +58,7 @@ class RunOptions:
     eval_seed: int | None = 0  # base sampling seed of the evaluation (each query adds its index)
     stage_timeout_s: float = 3600.0
     judge: bool = False
+    tracking: TrackingOptions = field(default_factory=TrackingOptions)  # --report-to: where the records also go
 
 
 @dataclass
@@ -97,6 +100,7 @@ class SemiOnlineRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state = RunState.load(self.run_dir / "state.json")
         self.redis = connect(info.redis_url)
+        self.recorder: RunRecorder | None = None  # while run() runs: each metrics.jsonl row also goes to the trackers
 
     def _check_config(self) -> None:
         if self.config.rope is None:  # recorded with the run: every service checks it against its own (paper 3.6)
@@ -112,6 +116,15 @@ class SemiOnlineRun:
 
     def run(self) -> Path:
         self._check_config()
+        tracker = open_tracker(self.options.tracking, self.run_dir, self.config.run_id, self.config.model_dump(mode="json"))
+        self.recorder = RunRecorder(tracker, self.run_dir)
+        try:
+            return self._run()
+        finally:
+            tracker.close()
+            self.recorder = None
+
+    def _run(self) -> Path:
         if BASE_LABEL not in self.state.evaluated:
             self._evaluate(BASE_LABEL)
         for iteration in range(self.config.iterations):
@@ -129,7 +142,7 @@ class SemiOnlineRun:
         from services.rollout.config import RolloutSettings
 
         return load_settings(
-            RolloutSettings, self.info.config_path, run_id=self.config.run_id, gateway_url=self.info.urls["rollout"]
+            RolloutSettings, self.info.config_path, run_id=self.config.run_id, gateway_url=self.info.gateway_urls()
         )
 
     def _iteration(self, iteration: int) -> None:
@@ -192,6 +205,8 @@ class SemiOnlineRun:
     def _append_metrics(self, row: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"time": time.time(), **row}, ensure_ascii=False) + "\n")
+        if self.recorder is not None:
+            self.recorder.record(row)
 
     def labels(self) -> list[str]:
         return [BASE_LABEL] + [stage_label(i) for i in sorted(self.state.trained)]
@@ -298,7 +313,9 @@ def iteration_record(path: Path) -> dict:
     """What one iteration trained on, from its samples file ({} if the trainer wrote none here).
 
     ``degenerate_groups``: groups with fewer than two parsed responses or all rank sums tied; their
-    parsed members have Z = 0 and, by eq. 8 taken literally, count in |Omega+|.
+    parsed members have Z = 0 and, by eq. 8 taken literally, count in |Omega+|. The group health
+    (``zero_variance_share``, parse and truncation rates, ``<metric>_mean`` / ``<metric>_std`` for
+    L, E, P, PPL_G, PPL_D, Rs, Rd) is the reward service's own figure (``shared.group_health``).
     """
     if not path.exists():
         return {}
@@ -306,20 +323,13 @@ def iteration_record(path: Path) -> dict:
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(row["query_id"], []).append(row)
-    parsed = [r for r in rows if r["parsed"]]
-
-    def degenerate(members: list[dict]) -> bool:
-        zs = [r["z"] for r in members if r["parsed"]]
-        return len(zs) < 2 or all(z == 0 for z in zs)
-
-    truncated = sum(r["finish_reason"] == FINISH_TRUNCATED for r in rows)
+    health = group_health([[Outcome.from_row(r) for r in members] for members in groups.values()])
     return {
         "trained_samples": len(rows),
-        "parse_rate": len(parsed) / len(rows) if rows else None,
-        "truncated": truncated,
-        "truncation_rate": truncated / len(rows) if rows else None,
+        "truncated": sum(r["finish_reason"] == FINISH_TRUNCATED for r in rows),
         "groups": len(groups),
-        "degenerate_groups": sum(degenerate(members) for members in groups.values()),
+        "degenerate_groups": health.zero_variance_groups,
+        **health.flat(),
         "omega_plus": sum(r["weight"] >= 0 and r["parsed"] for r in rows),
         "omega_minus": sum(not (r["weight"] >= 0 and r["parsed"]) for r in rows),
         "sources": dict(Counter(members[0]["source"] for members in groups.values())),

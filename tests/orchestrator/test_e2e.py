@@ -15,6 +15,7 @@ from shared.jsonl import read_queries
 from shared.parsing import normalize_query
 from shared.runs import RunConfig, read_samples_file, samples_file
 from shared.schemas import STREAM_ROLLOUTS, STREAM_SAMPLES, RolloutGroup, WeightedSample, decode_message
+from shared.tracking import TrackingOptions
 
 RUN_ID = "e2e"
 OFFLINE_ID = "e2e-offline"
@@ -24,8 +25,9 @@ OFFLINE_ID = "e2e-offline"
 def finished_run(tiny_stack):
     work, info = tiny_stack
     config = RunConfig(run_id=RUN_ID, iterations=2, queries_per_iteration=2, responses_per_query=3)
+    tracking = TrackingOptions(report_to=("tensorboard",))  # --report-to tensorboard
     run = SemiOnlineRun(
-        RunOptions(config=config, run_dir=work / "runs" / RUN_ID, eval_limit=2, eval_max_tokens=64), info
+        RunOptions(config=config, run_dir=work / "runs" / RUN_ID, eval_limit=2, eval_max_tokens=64, tracking=tracking), info
     )
     report = run.run()
     offline = RunConfig.from_budget(OFFLINE_ID, total_queries=3, k=2, iterations=5, offline=True,
@@ -65,6 +67,24 @@ def test_report_and_metrics_written(finished_run):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["label"] for r in rows if r["stage"] == "eval"] == ["base", "iter 1", "iter 2"]
     assert sum(1 for line in (run_dir / "train_metrics.jsonl").read_text().splitlines() if line.strip()) >= 2
+
+
+def test_report_to_tensorboard_recorded_trainer_steps_iterations_and_evaluations(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = finished_run["work"] / "runs" / RUN_ID
+    events = EventAccumulator(str(run_dir / "tracking" / "tensorboard"))
+    events.Reload()
+    steps = [json.loads(line) for line in (run_dir / "train_metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("train/loss")] == [
+        (i, round(r["loss"], 4)) for i, r in enumerate(steps, 1)
+    ]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    iterations = [r for r in records if r["stage"] == "iteration"]
+    assert [(e.step, e.value) for e in events.Scalars("iteration/trained_samples")] == [(1, 6.0), (2, 6.0)]
+    assert [round(e.value, 4) for e in events.Scalars("iteration/parse_rate")] == [round(r["parse_rate"], 4) for r in iterations]
+    assert [e.step for e in events.Scalars("eval/parse_rate")] == [0, 1, 2]  # base, iter 1, iter 2
+    assert {"eval_responses/base/text_summary", "eval_responses/iter-2/text_summary"} <= set(events.Tags()["tensors"])
 
 
 def test_starting_the_same_run_again_continues_without_new_work(finished_run):
@@ -120,3 +140,21 @@ def test_offline_run_samples_once_from_the_start_on_generated_queries_never_held
     assert not (finished_run["work"] / "adapters" / OFFLINE_ID / "iter-0001").exists()
     metrics = (finished_run["work"] / "runs" / OFFLINE_ID / "train_metrics.jsonl").read_text().splitlines()
     assert len([line for line in metrics if line.strip()]) == 2 * 3  # --epochs 2 of ceil(9 / batch 4) steps
+
+
+def test_both_rollout_replicas_sampled_and_serve_the_last_adapter(finished_run):
+    """``rollout_replicas=2``: the groups of an iteration go to both gateways round-robin, and the loop
+    waited until every live replica (both heartbeats) had loaded each new adapter."""
+    import httpx
+
+    from shared.heartbeats import live_replicas
+
+    info = finished_run["info"]
+    assert len(info.rollout_urls) == 2 and info.urls["rollout"] == info.rollout_urls[0]
+    assert len(live_replicas(finished_run["redis"])) == 2
+    for url in info.rollout_urls:
+        snapshot = httpx.get(url + "/admin/adapters", timeout=10).json()  # the session stack sets no API key
+        # iteration 1 samples `policy` = iter-0000: K=2 groups, one per replica
+        assert snapshot["requests"].get("iter-0000", 0) >= 1, (url, snapshot["requests"])
+        versions = [h["version"] for h in snapshot["history"]]
+        assert "iter-0001" in versions, (url, versions)
