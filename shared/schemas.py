@@ -283,30 +283,3 @@ class JudgeCriteria(BaseModel):
     idea_development_argumentation: Score10
     structure_clarity: Score10
     persuasiveness_effectiveness: Score10
-
-
-class JudgeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    instruction: NonEmptyStr
-    response: str
-
-
-class JudgeResult(BaseModel):
-    criteria: JudgeCriteria
-    analysis: str
-    score: float = Field(description="mean of the five criteria x 10")
-
-
-class JudgeBatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    items: list[JudgeRequest] = Field(min_length=1)
-
-
-class JudgeBatchItem(BaseModel):
-    index: int
-    result: JudgeResult | None = None
-    error: str | None = None
-
-
-class JudgeBatchResponse(BaseModel):
-    items: list[JudgeBatchItem]

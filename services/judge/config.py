@@ -46,9 +46,7 @@ class JudgeSettings(ServiceSettings):
         "json_schema",
         description="response_format sent to the backend; a backend that rejects it is asked again without",
     )
-    analysis_max_chars: int = Field(
-        2000, ge=0, description="maxLength of the analysis in the JSON schema (0 = no limit)"
-    )
+    analysis_max_chars: int = Field(2000, ge=0, description="maxLength of the analysis in the JSON schema (0 = no limit)")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     frequency_penalty: float = Field(
         0.0, ge=-2.0, le=2.0, description="OpenAI frequency_penalty (a weak judge model may loop on whitespace in JSON)"
@@ -56,13 +54,23 @@ class JudgeSettings(ServiceSettings):
     max_tokens: int = Field(1024, ge=16, description="completion budget of one judgement")
 
     timeout_s: float = Field(120.0, gt=0, description="per backend request")
-    max_retries: int = Field(4, ge=0, description="retries on 429, 5xx, timeouts and unjudgeable answers")
-    backoff_base_s: float = Field(1.0, ge=0, description="exponential backoff: base x 2^attempt (with jitter)")
-    backoff_max_s: float = Field(30.0, ge=0, description="cap of one backoff sleep")
-    max_retry_after_s: float = Field(
-        120.0, ge=0, description="a Retry-After longer than this ends the retries (502) instead of waiting"
+    max_retries: int = Field(
+        4,
+        ge=0,
+        description="transport retries (429, 5xx, timeouts, lost connections), the openai SDK's own policy: "
+        "exponential backoff from 0.5 s, a Retry-After of up to 120 s honoured",
     )
+    parse_retries: int = Field(2, ge=0, description="answers asked again when one holds no verdict; after them the score is null")
     max_concurrency: int = Field(8, ge=1, description="backend requests in flight at once (per process)")
+
+    cache_url: str | None = Field(
+        None, description="Redis URL of the judgment cache (unset = no cache); use it with a fixed judge model"
+    )
+    cache_ttl_s: int = Field(0, ge=0, description="lifetime of a cached judgment in seconds (0 = no expiry)")
+    prompt_price_per_1m: float = Field(0.0, ge=0, description="price of 1M prompt tokens, for usage.cost (gpt-4o: 2.5 USD)")
+    completion_price_per_1m: float = Field(
+        0.0, ge=0, description="price of 1M completion tokens, for usage.cost (gpt-4o: 10 USD)"
+    )
 
     max_input_chars: int = Field(400_000, ge=1, description="longest instruction or response accepted (422 above)")
     max_batch_items: int = Field(256, ge=1, description="largest /v1/judge/batch (422 above)")

@@ -1,4 +1,4 @@
-"""Judge answers (appendix E format) -> ``JudgeResult``. Pure: no I/O.
+"""Judge answers (appendix E format) -> ``JudgeResult``; pairwise answers -> ``PairwiseVerdict``. Pure: no I/O.
 
 The prompt asks for ``{"Analysis": ..., "Content Accuracy and Relevance": n, ...}``.
 Real judges wrap it in a Markdown fence, add prose before or after it, emit
@@ -6,7 +6,8 @@ several objects (a draft, then the final one), use single quotes or trailing
 commas, or answer in plain lines (``**Tone and Formality**: 8/10``). We try, in
 order: every JSON-like object in the text, last first (the final answer wins);
 then one "<criterion>: <score>" line per criterion, last occurrence each.
-A score outside 1-10 is an error, never clamped.
+A score outside 1-10 is an error, never clamped. A pairwise answer is read the same way: its
+``{"Analysis", "Winner"}`` object, else FastChat's ``[[A]]`` / ``[[B]]`` / ``[[C]]`` (tie) verdict.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import math
 import re
 from collections.abc import Iterator, Mapping
 
+from services.judge.protocol import JudgeResult, PairwiseVerdict
 from shared.prompts import JUDGE_CRITERIA_KEYS
-from shared.schemas import CRITERIA, JudgeCriteria, JudgeResult
+from shared.schemas import CRITERIA, JudgeCriteria
 
 MAX_TEXT_CHARS = 200_000  # longer answers are cut before scanning (the JSON sits near the end: keep the tail)
 MAX_ANALYSIS_CHARS = 8_000
@@ -71,6 +73,47 @@ def judgement_json_schema(analysis_max_chars: int = 0) -> dict:
         "required": list(properties),
         "additionalProperties": False,
     }
+
+
+def pairwise_json_schema(analysis_max_chars: int = 0) -> dict:
+    """JSON schema of the pairwise answer, for ``response_format``."""
+    analysis: dict = {"type": "string"}
+    if analysis_max_chars:
+        analysis["maxLength"] = analysis_max_chars
+    properties = {"Analysis": analysis, "Winner": {"type": "string", "enum": ["A", "B", "tie"]}}
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
+
+
+_WINNER_KEYS = {"winner", "verdict", "better", "betterresponse", "choice"}
+_WINNER_VALUES = {"a": "A", "responsea": "A", "b": "B", "responseb": "B", "c": "tie", "tie": "tie", "draw": "tie"}
+_BRACKET_VERDICT = re.compile(r"\[\[\s*(A|B|C|tie)\s*\]\]", re.IGNORECASE)
+
+
+def parse_pairwise(text: str | None, max_analysis_chars: int = MAX_ANALYSIS_CHARS) -> PairwiseVerdict:
+    """The verdict in ``text`` (the last one wins, as for scores); raises JudgeParseError saying why not."""
+    if not text or not text.strip():
+        raise JudgeParseError("empty answer")
+    text = strip_reasoning(text)[-MAX_TEXT_CHARS:]
+    problems = []
+    for obj in reversed(list(json_objects(text))):
+        fields = {_norm(str(k)): v for k, v in obj.items()}
+        given = next((fields[k] for k in fields if k in _WINNER_KEYS), None)
+        if given is None:
+            problems.append("JSON object has no Winner")
+            continue
+        winner = _WINNER_VALUES.get(_norm(str(given)))
+        if winner is None:
+            problems.append(f"Winner = {str(given)[:40]!r} is not A, B or tie")
+            continue
+        analysis = next((v for k, v in fields.items() if k in _ANALYSIS_KEYS and isinstance(v, str)), "")
+        return PairwiseVerdict(winner=winner, analysis=analysis.strip()[:max_analysis_chars])
+    verdicts = list(_BRACKET_VERDICT.finditer(text))
+    if verdicts:
+        last = verdicts[-1]
+        winner = _WINNER_VALUES[_norm(last.group(1))]
+        return PairwiseVerdict(winner=winner, analysis=text[: last.start()].strip()[:max_analysis_chars])
+    problems.append("no JSON object with a Winner and no [[A]], [[B]] or [[C]] verdict")
+    raise JudgeParseError("; ".join(dict.fromkeys(problems))[:500])
 
 
 def parse_judgement(text: str | None, max_analysis_chars: int = MAX_ANALYSIS_CHARS) -> JudgeResult:

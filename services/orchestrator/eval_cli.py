@@ -46,6 +46,7 @@ def evaluate(
     concurrency: int = typer.Option(8, help="generation requests at once"),
     judge_part: str = typer.Option("answer", help="answer: judge the <answer> document when parsed; full: the whole text"),
     reference: bool = typer.Option(False, help="also evaluate the query file's 'response' field, unranked (Table 2's Labeled Answer)"),
+    judge_reference: bool = typer.Option(False, help="give the judge the query file's 'response' field as a reference answer"),
     stages: bool = typer.Option(False, help="policies are training stages in order: figure 3 lines, not figure 1 bars"),
     reward_batch: int = typer.Option(4, help="groups per /v1/score request (keep within the reward service's max_groups)"),
     judge_batch: int = typer.Option(16, help="items per /v1/judge/batch request"),
@@ -68,8 +69,8 @@ def evaluate(
         reward_url=reward_url or None, judge_url=judge_url, judge=judge, rollout_api_key=rollout_api_key,
         reward_api_key=reward_api_key, judge_api_key=judge_api_key, n=n,
         temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, concurrency=concurrency,
-        judge_part=judge_part, reference=reference, stages=stages, reward_groups_per_request=reward_batch,
-        judge_items_per_request=judge_batch,
+        judge_part=judge_part, reference=reference, judge_reference=judge_reference, stages=stages,
+        reward_groups_per_request=reward_batch, judge_items_per_request=judge_batch,
     )  # fmt: skip
     run_eval(opts)
     for name in ("table_automatic.md", "table_judge.md"):

@@ -7,7 +7,7 @@ versioned adapter; or ``label=model@base_url`` for any OpenAI endpoint):
 2. automatic metrics L, E, P, Rs, Rd from the reward service (``POST /v1/score``);
 3. the appendix E judgement, through the judge service or the backend directly;
 
-then write into the output folder ``responses.jsonl``, ``summary.json``,
+then write into the output folder ``responses.jsonl`` (one ``EvalRecord`` a line), ``summary.json``,
 ``table_automatic.md`` (Tables 1/4), ``table_judge.md`` (Table 2),
 ``zscores.png`` (figure 1, or figure 3 with ``stages``) and ``report.md``.
 """
@@ -15,18 +15,20 @@ then write into the output folder ``responses.jsonl``, ``summary.json``,
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
+import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
 
-from services.judge.client import retry_after_seconds
+from services.judge.protocol import Judgment, Usage
 from services.orchestrator import report
-from shared.jsonl import read_queries
+from shared.jsonl import read_queries, write_jsonl
 from shared.parsing import extract_structured
 from shared.prompts import chat_messages
 
@@ -54,6 +56,40 @@ def parse_policy_spec(spec: str) -> PolicySpec:
 
 
 @dataclass
+class EvalRecord:
+    """One response of one policy to one query, and what the reward service and the judge made of it.
+
+    A line of ``responses.jsonl`` is its ``asdict``, fields in this order. ``judge`` holds the scores
+    (``criteria``, ``analysis``, ``score``) or None: with ``judge_error`` when the judge backend failed, with
+    ``judge_parse_error`` when its answers held no scores (a null score, not an error).
+    """
+
+    policy: str
+    query_id: str
+    query: str
+    index: int
+    response: str
+    finish_reason: str | None = None
+    completion_tokens: float | None = None
+    parsed: bool = False
+    metrics: dict | None = None
+    metrics_error: str | None = None
+    judge: dict | None = None
+    judge_error: str | None = None
+    error: str | None = None  # generation failed
+    judge_parse_error: str | None = None
+    judge_usage: dict | None = None  # tokens and cost of the judgment (zero when it came from the cache)
+    judge_cached: bool | None = None
+
+    def take_judgment(self, judgment: Judgment) -> None:
+        result = judgment.result()
+        self.judge = result.model_dump() if result else None
+        self.judge_parse_error = judgment.parse_error
+        self.judge_usage = judgment.usage.model_dump()
+        self.judge_cached = judgment.cached
+
+
+@dataclass
 class EvalOptions:
     policies: list[PolicySpec]
     queries: Path = Path("data/test_queries.jsonl")
@@ -73,6 +109,7 @@ class EvalOptions:
     seed: int | None = 0
     concurrency: int = 8
     judge_part: str = "answer"  # "answer": the document when parsed, else the whole text; "full"
+    judge_reference: bool = False  # give the judge the query file's "response" field as a reference answer
     reference: bool = False  # also judge/score the "response" field of the query file, unranked
     stages: bool = False  # policies are training stages: figure 3 lines instead of figure 1 bars
     reward_groups_per_request: int = 4
@@ -84,7 +121,7 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-async def generate(spec: PolicySpec, queries: list[dict], opts: EvalOptions, tick: Callable[[], None]) -> list[dict]:
+async def generate(spec: PolicySpec, queries: list[dict], opts: EvalOptions, tick: Callable[[], None]) -> list[EvalRecord]:
     """``n`` responses per query from one policy; a failed request yields empty responses with its error."""
     from openai import AsyncOpenAI
 
@@ -93,7 +130,7 @@ async def generate(spec: PolicySpec, queries: list[dict], opts: EvalOptions, tic
     )
     slots = asyncio.Semaphore(opts.concurrency)
 
-    async def one(index: int, row: dict) -> list[dict]:
+    async def one(index: int, row: dict) -> list[EvalRecord]:
         async with slots:
             try:
                 completion = await client.chat.completions.create(
@@ -119,38 +156,36 @@ async def generate(spec: PolicySpec, queries: list[dict], opts: EvalOptions, tic
     return [r for group in groups for r in group]
 
 
-def _record(policy: str, row: dict, k: int, text: str, finish: str | None = None, tokens: float | None = None,
-            error: str | None = None) -> dict:  # fmt: skip
-    return {
-        "policy": policy, "query_id": row["id"], "query": row["query"], "index": k, "response": text,
-        "finish_reason": finish, "completion_tokens": tokens, "parsed": extract_structured(text) is not None,
-        "metrics": None, "metrics_error": None, "judge": None, "judge_error": None, "error": error,
-    }  # fmt: skip
+def _record(
+    policy: str, row: dict, k: int, text: str, finish: str | None = None, tokens: float | None = None, error: str | None = None
+) -> EvalRecord:
+    parsed = extract_structured(text) is not None
+    return EvalRecord(policy, row["id"], row["query"], k, text, finish, tokens, parsed, error=error)
 
 
-async def score(records: list[dict], opts: EvalOptions, tick: Callable[[int], None]) -> None:
+async def score(records: list[EvalRecord], opts: EvalOptions, tick: Callable[[int], None]) -> None:
     """Fills ``metrics`` from the reward service, one group per (policy, query).
 
     A request the service refuses (e.g. a response over its size limit) is
     retried group by group; a group that still fails keeps no metrics and
     records the reason in ``metrics_error``, and the evaluation goes on.
     """
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[tuple[str, str], list[EvalRecord]] = {}
     for r in records:
-        if r["response"]:
-            groups.setdefault((r["policy"], r["query_id"]), []).append(r)
+        if r.response:
+            groups.setdefault((r.policy, r.query_id), []).append(r)
     keys = list(groups)
     step = opts.reward_groups_per_request
     url = f"{opts.reward_url.rstrip('/')}/v1/score"
 
     async def post(http: httpx.AsyncClient, chunk: list[tuple[str, str]]) -> None:
-        body = {"groups": [{"query": groups[k][0]["query"], "responses": [r["response"] for r in groups[k]]} for k in chunk]}
+        body = {"groups": [{"query": groups[k][0].query, "responses": [r.response for r in groups[k]]} for k in chunk]}
         answer = await _post_with_retry(http, url, body)
         for key, group in zip(chunk, answer["groups"]):
             for result in group["results"]:
                 record = groups[key][result["index"]]
-                record["parsed"] = bool(result["parsed"])
-                record["metrics"] = result.get("metrics")
+                record.parsed = bool(result["parsed"])
+                record.metrics = result.get("metrics")
 
     async with httpx.AsyncClient(timeout=opts.request_timeout_s, headers=_headers(opts.reward_api_key)) as http:
         for start in range(0, len(keys), step):
@@ -168,8 +203,26 @@ async def score(records: list[dict], opts: EvalOptions, tick: Callable[[int], No
                         except (RuntimeError, httpx.HTTPError) as single:
                             error = single
                     for record in groups[key]:
-                        record["metrics_error"] = str(error)[:300]
+                        record.metrics_error = str(error)[:300]
             tick(len(chunk))
+
+
+def retry_after_seconds(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
+    """Seconds a busy service asked us to wait: ``retry-after-ms``, ``retry-after`` (seconds or HTTP date)."""
+    if not headers:
+        return None
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        try:
+            seconds = float(headers.get(name, "nan")) / scale
+        except ValueError:
+            continue
+        if math.isfinite(seconds):
+            return max(0.0, seconds)
+    try:
+        when = email.utils.parsedate_to_datetime(headers.get("retry-after", ""))
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 async def _post_with_retry(http: httpx.AsyncClient, url: str, body: dict, attempts: int = 8) -> dict:
@@ -188,18 +241,33 @@ async def _post_with_retry(http: httpx.AsyncClient, url: str, body: dict, attemp
     raise RuntimeError(f"{url} stayed busy after {attempts} attempts")
 
 
-def _judged_text(record: dict, part: str) -> str:
+def _judged_text(text: str, part: str) -> str:
     if part == "answer":
-        structured = extract_structured(record["response"])
+        structured = extract_structured(text)
         if structured is not None:
             return structured.answer
-    return record["response"]
+    return text
 
 
-async def judge(records: list[dict], opts: EvalOptions, tick: Callable[[int], None]) -> None:
-    """Fills ``judge`` (criteria, analysis, score) or ``judge_error`` for every non-empty response."""
-    todo = [r for r in records if r["response"]]
-    items = [{"instruction": r["query"], "response": _judged_text(r, opts.judge_part)} for r in todo]
+def judge_items(records: list[EvalRecord], opts: EvalOptions, references: Mapping[str, str]) -> list[dict]:
+    """``/v1/judge`` bodies, one per record; a reference answer only for a query that has one and a record
+    that is not that answer itself."""
+    items = []
+    for r in records:
+        item = {"instruction": r.query, "response": _judged_text(r.response, opts.judge_part)}
+        if opts.judge_reference and r.policy != REFERENCE_LABEL and references.get(r.query_id):
+            item["reference"] = _judged_text(references[r.query_id], opts.judge_part)
+        items.append(item)
+    return items
+
+
+async def judge(
+    records: list[EvalRecord], opts: EvalOptions, tick: Callable[[int], None], references: Mapping[str, str] | None = None
+) -> None:
+    """Fills ``judge`` (criteria, analysis, score), ``judge_parse_error`` or ``judge_error``, and the judgment's
+    usage, for every non-empty response. ``references``: query id -> labeled answer (``judge_reference``)."""
+    todo = [r for r in records if r.response]
+    items = judge_items(todo, opts, references or {})
     if opts.judge_url:
         step = opts.judge_items_per_request
         url = f"{opts.judge_url.rstrip('/')}/v1/judge/batch"
@@ -213,7 +281,9 @@ async def judge(records: list[dict], opts: EvalOptions, tick: Callable[[int], No
                     answer = {"items": [{"index": i, "error": f"judge service: {str(exc)[:300]}"} for i in range(len(chunk))]}
                 for item in answer["items"]:
                     record = todo[start + item["index"]]
-                    record["judge"], record["judge_error"] = item.get("result"), item.get("error")
+                    if item.get("result") is not None:
+                        record.take_judgment(Judgment.model_validate(item["result"]))
+                    record.judge_error = item.get("error")
                 tick(len(chunk))
         return
     from services.judge.client import JudgeBackendError, JudgeClient
@@ -221,11 +291,11 @@ async def judge(records: list[dict], opts: EvalOptions, tick: Callable[[int], No
 
     client = JudgeClient(JudgeSettings())
 
-    async def one(record: dict, item: dict) -> None:
+    async def one(record: EvalRecord, item: dict) -> None:
         try:
-            record["judge"] = (await client.judge(item["instruction"], item["response"])).model_dump()
+            record.take_judgment(await client.judge(item["instruction"], item["response"], item.get("reference")))
         except JudgeBackendError as exc:
-            record["judge_error"] = str(exc)
+            record.judge_error = str(exc)
         tick(1)
 
     try:
@@ -234,20 +304,33 @@ async def judge(records: list[dict], opts: EvalOptions, tick: Callable[[int], No
         await client.close()
 
 
-def _write_records(records: list[dict], out_dir: Path) -> None:
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(out_dir) / "responses.jsonl", "w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+def _write_records(records: list[EvalRecord], out_dir: Path) -> None:
+    write_jsonl(Path(out_dir) / "responses.jsonl", (asdict(r) for r in records))
 
 
-def write_outputs(records: list[dict], labels: list[str], opts: EvalOptions, unranked: tuple[str, ...] = ()) -> dict:
+def judge_usage(records: list[EvalRecord]) -> dict:
+    """Judgments, unparsed judgments, cache hits, tokens and cost of a set of records."""
+    judged = [r for r in records if r.judge_usage is not None]
+    total = sum((Usage.model_validate(r.judge_usage) for r in judged), Usage())
+    return {
+        "judgments": len(judged),
+        "unparsed": sum(1 for r in judged if r.judge_parse_error),
+        "cached": sum(1 for r in judged if r.judge_cached),
+        **total.model_dump(),
+    }
+
+
+def write_outputs(records: list[EvalRecord], labels: list[str], opts: EvalOptions, unranked: tuple[str, ...] = ()) -> dict:
     """Tables, plot, per-response records and the summary into ``opts.out_dir``; returns the summary."""
     out = Path(opts.out_dir)
     _write_records(records, out)
-    values = {label: report.summarize([r for r in records if r["policy"] == label]) for label in labels}
+    values = {}
+    for label in labels:
+        mine = [r for r in records if r.policy == label]
+        values[label] = report.summarize([asdict(r) for r in mine]) | {"judge_usage": judge_usage(mine)}
     summary = {"policies": values, "options": {"queries": str(opts.queries), "limit": opts.limit, "n": opts.n,
-               "temperature": opts.temperature, "top_p": opts.top_p, "max_tokens": opts.max_tokens}}  # fmt: skip
+               "temperature": opts.temperature, "top_p": opts.top_p, "max_tokens": opts.max_tokens},
+               "judge_usage": judge_usage(records)}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     title = "Training Progress" if opts.stages else "Method"
     automatic = report.rank_table(labels, values, report.AUTOMATIC_COLUMNS, method_title=title, unranked=unranked)
@@ -275,6 +358,11 @@ def write_outputs(records: list[dict], labels: list[str], opts: EvalOptions, unr
         tokens = "-" if v["completion_tokens"] is None else f"{v['completion_tokens']:.1f}"
         counts.append(f"| {label} | {v['responses']} | {v['parsed']} | {v['metrics_errors']} | {v['judged']} "
                       f"| {v['judge_errors']} | {tokens} |")  # fmt: skip
+    usage = summary["judge_usage"]
+    if usage["judgments"]:
+        counts.append(f"\nJudge: {usage['judgments']} judgments ({usage['unparsed']} without scores, {usage['cached']} "
+                      f"from the cache), {usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion "
+                      f"tokens, cost {usage['cost']:.4f}.")  # fmt: skip
     sections += counts + ["\n![z-scores](zscores.png)\n"]
     (out / "report.md").write_text("\n".join(sections))
     return summary
@@ -295,8 +383,8 @@ def run_eval(opts: EvalOptions, progress: bool = True) -> dict:
     started = time.perf_counter()
     with Progress(disable=not progress, transient=False) as bar:
 
-        async def main() -> list[dict]:
-            records: list[dict] = []
+        async def main() -> list[EvalRecord]:
+            records: list[EvalRecord] = []
             for spec in opts.policies:
                 task = bar.add_task(f"generate {spec.label}", total=len(queries))
                 records += await generate(spec, queries, opts, lambda: bar.advance(task))
@@ -305,16 +393,17 @@ def run_eval(opts: EvalOptions, progress: bool = True) -> dict:
                 references = [q for q in queries if isinstance(q.get("response"), str) and q["response"].strip()]
                 records += [_record(REFERENCE_LABEL, q, 0, q["response"]) for q in references]
             if opts.reward_url:
-                groups = len({(r["policy"], r["query_id"]) for r in records if r["response"]})
+                groups = len({(r.policy, r.query_id) for r in records if r.response})
                 task = bar.add_task("reward metrics", total=groups)
                 await score(records, opts, lambda k: bar.advance(task, k))
             if opts.judge:
-                task = bar.add_task("judge", total=sum(1 for r in records if r["response"]))
-                await judge(records, opts, lambda k: bar.advance(task, k))
+                task = bar.add_task("judge", total=sum(1 for r in records if r.response))
+                labeled = {q["id"]: q["response"] for q in queries if isinstance(q.get("response"), str)}
+                await judge(records, opts, lambda k: bar.advance(task, k), labeled)
             return records
 
         records = asyncio.run(main())
-    all_labels = labels + ([REFERENCE_LABEL] if any(r["policy"] == REFERENCE_LABEL for r in records) else [])
+    all_labels = labels + ([REFERENCE_LABEL] if any(r.policy == REFERENCE_LABEL for r in records) else [])
     unranked = (REFERENCE_LABEL,) if REFERENCE_LABEL in all_labels else ()
     summary = write_outputs(records, all_labels, opts, unranked)
     log.info(

@@ -11,7 +11,13 @@ from openai import OpenAI
 from services.judge.parsing import judgement_json_schema, parse_judgement
 from shared.prompts import JUDGE_CRITERIA_KEYS, judge_prompt
 from shared.schemas import CRITERIA
-from tests.fixtures.judge import TINY_ANALYSIS_CHARS, TINY_FREQUENCY_PENALTY, TINY_MAX_TOKENS
+from tests.fixtures.judge import (
+    TINY_ANALYSIS_CHARS,
+    TINY_COMPLETION_PRICE,
+    TINY_FREQUENCY_PENALTY,
+    TINY_MAX_TOKENS,
+    TINY_PROMPT_PRICE,
+)
 
 QUERY = "请撰写一份题为《国有资本投资运营公司改革试点经验》的报告，包含以下部分：\n1. 改革背景\n2. 主要做法\n3. 成效与建议"
 RESPONSE = (
@@ -57,3 +63,27 @@ def test_judge_service_batch_on_the_rollout_service(judge_service):
     out = response.json()["items"]
     assert [i["index"] for i in out] == [0, 1, 2]
     assert all(i["error"] is None and 10 <= i["result"]["score"] <= 100 for i in out), out
+
+
+def test_judge_service_reports_real_usage_and_cost(judge_service):
+    response = httpx.post(
+        f"{judge_service.url}/v1/judge", json={"instruction": QUERY, "response": RESPONSE, "reference": RESPONSE}, timeout=300
+    )
+    assert response.status_code == 200, response.text
+    usage = response.json()["usage"]
+    assert usage["prompt_tokens"] > 100 and usage["completion_tokens"] > 0  # the reference is in the prompt
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    expected = (usage["prompt_tokens"] * TINY_PROMPT_PRICE + usage["completion_tokens"] * TINY_COMPLETION_PRICE) / 1e6
+    assert usage["cost"] == pytest.approx(expected)
+
+
+def test_judge_service_pairwise_on_the_rollout_service(judge_service):
+    """vLLM's structured output holds the pairwise schema too: each order gives A, B or tie."""
+    pair = {"instruction": QUERY, "response_a": RESPONSE, "response_b": RESPONSE[:60]}
+    response = httpx.post(f"{judge_service.url}/v1/judge/pairwise", json=pair, timeout=600)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [g["order"] for g in body["games"]] == ["ab", "ba"]
+    assert all(g["winner"] in ("a", "b", "tie") and g["parse_error"] is None for g in body["games"]), body
+    assert body["consistent"] == (body["games"][0]["winner"] == body["games"][1]["winner"])
+    assert body["winner"] == (body["games"][0]["winner"] if body["consistent"] else "tie")

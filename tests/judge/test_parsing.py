@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from services.judge.parsing import JudgeParseError, judgement_json_schema, parse_judgement, score_value
+from services.judge.parsing import (
+    JudgeParseError,
+    judgement_json_schema,
+    pairwise_json_schema,
+    parse_judgement,
+    parse_pairwise,
+    score_value,
+)
 from shared.prompts import JUDGE_CRITERIA_KEYS
 
 SCORES = {
@@ -111,9 +118,8 @@ def test_per_criterion_fallback_on_markdown_lines():
 
 
 def test_fallback_uses_the_last_mention_of_each_criterion():
-    text = (
-        "Tone and Formality: 3 was my first impression, but revisiting it:\n"
-        + "\n".join(f"{k}: {v}" for k, v in SCORES.items())
+    text = "Tone and Formality: 3 was my first impression, but revisiting it:\n" + "\n".join(
+        f"{k}: {v}" for k, v in SCORES.items()
     )
     assert parse_judgement(text).criteria.tone_formality == 9
 
@@ -170,3 +176,48 @@ def test_schema_lists_every_prompt_key_in_order_with_integer_scores():
     assert schema["properties"]["Analysis"]["maxLength"] == 500
     assert schema["properties"]["Tone and Formality"]["enum"] == list(range(1, 11))
     assert "maxLength" not in judgement_json_schema(0)["properties"]["Analysis"]
+
+
+# ----------------------------------------------------------------------------------------------- pairwise
+
+
+@pytest.mark.parametrize(
+    "text, winner",
+    [
+        ('{"Analysis": "A covers more.", "Winner": "A"}', "A"),
+        ('Draft: {"Winner": "A"}\nFinal:\n```json\n{"analysis": "on reflection", "winner": "Response B"}\n```', "B"),
+        ("{'Analysis': 'equal', 'Verdict': 'Tie'}", "tie"),
+        ("Assistant A is more formal, B more complete. Final verdict: [[B]]", "B"),
+        ("Neither stands out. [[C]]", "tie"),
+        ('<think>{"Winner": "B"}</think>{"Analysis": "x", "Winner": "a"}', "A"),
+    ],
+)
+def test_pairwise_verdicts_in_json_or_fastchat_brackets(text, winner):
+    assert parse_pairwise(text).winner == winner
+
+
+def test_pairwise_analysis_is_kept_and_truncated():
+    verdict = parse_pairwise('{"Analysis": "' + "y" * 50 + '", "Winner": "B"}', max_analysis_chars=10)
+    assert (verdict.winner, verdict.analysis) == ("B", "y" * 10)
+    assert parse_pairwise("B is stronger on evidence.\n[[B]]").analysis == "B is stronger on evidence."
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("", "empty"),
+        ('{"Analysis": "A is better", "Winner": "first"}', "'first' is not A, B or tie"),
+        (json.dumps(SCORES), "no Winner"),
+        ("A is clearly better.", r"no \[\[A\]\], \[\[B\]\] or \[\[C\]\] verdict"),
+    ],
+)
+def test_unreadable_pairwise_answers_raise_with_a_reason(text, reason):
+    with pytest.raises(JudgeParseError, match=reason):
+        parse_pairwise(text)
+
+
+def test_pairwise_schema_allows_a_b_or_tie():
+    schema = pairwise_json_schema(300)
+    assert schema["required"] == ["Analysis", "Winner"]
+    assert schema["properties"]["Winner"]["enum"] == ["A", "B", "tie"]
+    assert schema["properties"]["Analysis"]["maxLength"] == 300

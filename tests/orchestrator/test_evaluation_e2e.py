@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from services.orchestrator.evaluation import parse_policy_spec
@@ -77,7 +78,11 @@ def test_eval_writes_the_papers_tables_and_plot(
     assert all((r["metrics"] is not None) == r["parsed"] for r in records if r is not second)
     # every response was judged by the tiny judge through vLLM structured output
     assert all(r["judge"] is not None and r["judge_error"] is None for r in records), [r["judge_error"] for r in records]
+    # with the tokens vLLM counted and their cost at the judge service's prices, per record and in total
+    assert all(r["judge_usage"]["prompt_tokens"] > 0 and r["judge_cached"] is False for r in records)
 
+    total = json.loads((out / "summary.json").read_text())["judge_usage"]
+    assert total["judgments"] == len(records) and total["cost"] == pytest.approx(sum(r["judge_usage"]["cost"] for r in records))
     summary = json.loads((out / "summary.json").read_text())["policies"]
     assert summary["Other run"]["length"] == by_policy["Labeled Answer"][0]["metrics"]["length"] > 0
     for label in ("Baseline", grace):

@@ -117,7 +117,7 @@ def test_reward_service_survives_fuzzing(reward_service):
 
 # ----------------------------------------------------------------------------------------------- judge
 
-JUDGE_OPERATIONS = ["GET /health", "POST /v1/judge", "POST /v1/judge/batch"]
+JUDGE_OPERATIONS = ["GET /health", "POST /v1/judge", "POST /v1/judge/batch", "POST /v1/judge/pairwise"]
 
 
 @pytest.fixture(scope="module")
