@@ -47,12 +47,15 @@ def grace_kto_loss(
     beta: float,
     lambda_desirable: float,
     lambda_undesirable: float,
+    num_sequences: float | None = None,
 ) -> torch.Tensor:
-    """The batch mean of eq. 11: |W| * lambda(W) * (1 - sigmoid(beta * y(W) * ((pi - pi_ref) - z_ref)))."""
+    """The batch mean of eq. 11: |W| * lambda(W) * (1 - sigmoid(beta * y(W) * ((pi - pi_ref) - z_ref))).
+
+    ``num_sequences``: the batch's size when these are a micro-batch of it (the sum is divided by it)."""
     terms = grace_kto_losses(
         policy_logps, reference_logps, weights, z_ref, beta, lambda_desirable, lambda_undesirable
     )
-    return terms.mean()
+    return terms.sum() / (num_sequences if num_sequences is not None else max(terms.numel(), 1))
 
 
 def kl_reference_point(policy_kl_logps: torch.Tensor, reference_kl_logps: torch.Tensor) -> torch.Tensor:
@@ -116,15 +119,17 @@ def kto_loss(
     beta: float,
     lambda_desirable: float = 1.0,
     lambda_undesirable: float = 1.0,
+    num_sequences: float | None = None,
 ) -> torch.Tensor:
     """Binary KTO (Ethayarajh et al. 2024, eq. 7-8): GRACE-KTO with |W| = 1 (sign only)."""
     weights = torch.where(desirable.bool(), 1.0, -1.0).to(policy_logps.device)
-    return grace_kto_loss(policy_logps, reference_logps, weights, z_ref, beta, lambda_desirable, lambda_undesirable)
+    return grace_kto_loss(policy_logps, reference_logps, weights, z_ref, beta, lambda_desirable, lambda_undesirable, num_sequences)
 
 
-def sft_loss(logps: torch.Tensor, token_counts: torch.Tensor) -> torch.Tensor:
-    """Token-mean negative log-likelihood of the given sequences (0 for none)."""
-    tokens = token_counts.sum()
+def sft_loss(logps: torch.Tensor, token_counts: torch.Tensor | None = None, *, num_tokens: float | None = None) -> torch.Tensor:
+    """Token-mean negative log-likelihood of the given sequences (0 for none): summed log-probs over
+    ``token_counts.sum()``, or over ``num_tokens`` (the whole batch's, when these are a micro-batch of it)."""
+    tokens = float(num_tokens) if num_tokens is not None else float(token_counts.sum()) if token_counts is not None else 0.0
     if logps.numel() == 0 or tokens <= 0:
         return logps.sum() * 0.0
     return -logps.sum() / tokens

@@ -41,6 +41,8 @@ from shared.schemas import WeightedSample
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[dict[str, Any]], None]
+# (batch, this rank's part, batch size / world) -> (metrics row, tokens): one loss family's optimizer step
+LossStep = Callable[[list[int], list[int], float], tuple[dict[str, Any], int]]
 
 
 # --------------------------------------------------------------------------- tokenization
@@ -325,7 +327,30 @@ class Trainer:
         if on_step is not None:
             on_step(row)
 
-    # ---- entry point
+    # ---- the epoch loop (TRL's shape: one loop, one loss step per loss family)
+
+    def _epoch(
+        self, result: EpochResult, batches: list[list[int]], iteration: int, micro_batch_size: int,
+        loss_step: LossStep, on_step: StepCallback | None, started: float,
+    ) -> EpochResult:  # fmt: skip
+        """One optimizer step per planned batch. ``loss_step(batch, mine, share)`` runs this rank's part of
+        the batch (``mine`` = ``batch[rank::world]``; ``share`` = the batch's size over the world, which a
+        loss normalises by so that gradients averaged over ranks are the whole batch's) as micro-batches
+        with their backward passes, and returns the step's metrics and tokens."""
+        self._prepare(micro_batch_size)
+        lr_at = self._schedule(len(batches))
+        for step, batch in enumerate(batches):
+            step_started = time.perf_counter()
+            row, tokens = loss_step(batch, batch[self.rank :: self.world], len(batch) / self.world)
+            lr = lr_at(step)
+            grad_norm = self.optimizer.step(lr)
+            result.tokens += tokens
+            self._emit(result, {"iteration": iteration, "step": step + 1, "steps": len(batches), **row, "lr": lr,
+                                "grad_norm": grad_norm, "tokens": tokens, "seconds": time.perf_counter() - step_started},
+                       on_step)  # fmt: skip
+        result.steps = len(batches)
+        result.seconds = time.perf_counter() - started
+        return result
 
     def train(self, samples: list[WeightedSample], iteration: int = 0, on_step: StepCallback | None = None) -> EpochResult:
         if self.loss in ("grace_kto", "kto"):
@@ -343,10 +368,12 @@ class Trainer:
     def _train_kto(self, samples: list[WeightedSample], iteration: int, on_step: StepCallback | None) -> EpochResult:
         s = self.settings
         started = time.perf_counter()
-        raw = [x.weight for x in samples]
+        desirable = torch.tensor([x.weight >= 0 for x in samples], dtype=torch.bool)
         # binary KTO keeps only the sign (eq. 10), so every |W| = 1
-        weights = torch.tensor([(1.0 if w >= 0 else -1.0) if self.loss == "kto" else w for w in raw], dtype=torch.float32)
-        n_pos = int((weights >= 0).sum())
+        weights = torch.tensor([x.weight for x in samples], dtype=torch.float32)
+        if self.loss == "kto":
+            weights = torch.where(desirable, 1.0, -1.0)
+        n_pos = int(desirable.sum())
         lam = losses.class_weights(n_pos, len(samples) - n_pos, s.lambda_mode, (s.lambda_desirable, s.lambda_undesirable))
         result = EpochResult(loss=self.loss, samples=len(samples), lambdas=lam)
         if not samples:
@@ -361,54 +388,45 @@ class Trainer:
         ref_kl = dict(zip(kl_keys, self.logps([kl_seqs[k] for k in kl_keys], reference=True).cpu().tolist()))
         log.info("event=reference_done iteration=%d sequences=%d seconds=%.2f",
                  iteration, len(seqs) + len(kl_keys), time.perf_counter() - started)  # fmt: skip
-
-        optimizer = self._prepare(micro_batch_size=math.ceil(s.batch_size / self.world))
-        lr_at = self._schedule(len(batches))
         device = self.runtime.device
-        for step, batch in enumerate(batches):
-            step_started = time.perf_counter()
-            mine = batch[self.rank :: self.world]
-            pairs = list(zip(batch, mismatched_partners(batch)))[self.rank :: self.world]
+
+        def loss_step(batch: list[int], mine: list[int], share: float) -> tuple[dict[str, Any], int]:
             # 2. z_ref from the mismatched pairs under the current policy (eq. 12)
+            pairs = list(zip(batch, mismatched_partners(batch)))[self.rank :: self.world]
             policy_kl = self.logps([kl_seqs[p] for p in pairs])
             z_ref = losses.kl_reference_point(policy_kl, torch.tensor([ref_kl[p] for p in pairs], device=device))
             # 3. policy pass with gradients, padding-free micro-batches of the batch
-            share = len(batch) / self.world
-            positive_tokens = sum(seqs[i].response_len for i in batch if weights[i] >= 0) / self.world
+            positive_tokens = sum(seqs[i].response_len for i in batch if desirable[i]) / self.world
             kto_sum = sft_sum = 0.0
             batch_logps = torch.empty(len(mine), dtype=torch.float32)
             for group in micro_batches([len(seqs[i].ids) for i in mine], self.token_budget):
                 idx = [mine[g] for g in group]
                 logps = self._grad_logps([seqs[i] for i in idx])
-                w = weights[idx].to(device)
-                terms = losses.grace_kto_losses(logps, ref[idx].to(device), w, z_ref, s.beta, *lam)
-                loss = terms.sum() / share
-                positive = w >= 0
+                reference = ref[idx].to(device)
+                if self.loss == "kto":
+                    kto = losses.kto_loss(logps, reference, desirable[idx].to(device), z_ref, s.beta, *lam, num_sequences=share)
+                else:
+                    kto = losses.grace_kto_loss(logps, reference, weights[idx].to(device), z_ref, s.beta, *lam, num_sequences=share)
+                loss = kto
+                positive = desirable[idx].to(device)
                 if s.sft_weight > 0 and positive_tokens > 0 and bool(positive.any()):
-                    sft = -logps[positive].sum() / positive_tokens  # token-mean NLL over the batch's positives
+                    sft = losses.sft_loss(logps[positive], num_tokens=positive_tokens)  # token mean over the batch's positives
                     loss = loss + s.sft_weight * sft
                     sft_sum += float(sft.detach())
-                optimizer.backward(loss)
-                kto_sum += float(terms.detach().sum()) / share
+                self.optimizer.backward(loss)
+                kto_sum += float(kto.detach())
                 batch_logps[list(group)] = logps.detach().float().cpu()
-            # 4. optimizer step
-            lr = lr_at(step)
-            grad_norm = optimizer.step(lr)
-            tokens = sum(len(seqs[i].ids) for i in mine)
-            result.tokens += tokens
             w_abs = weights[mine].abs()
             row = {
-                "iteration": iteration, "step": step + 1, "steps": len(batches), "loss": kto_sum + s.sft_weight * sft_sum,
-                "loss_kto": kto_sum, "loss_sft": sft_sum, "z_ref": float(z_ref), "lr": lr, "grad_norm": grad_norm,
+                "loss": kto_sum + s.sft_weight * sft_sum, "loss_kto": kto_sum, "loss_sft": sft_sum, "z_ref": float(z_ref),
                 "weight_abs_mean": float(w_abs.mean()), "weight_abs_min": float(w_abs.min()), "weight_abs_max": float(w_abs.max()),
-                "desirable": int((weights[mine] >= 0).sum()), "undesirable": int((weights[mine] < 0).sum()),
+                "desirable": int(desirable[mine].sum()), "undesirable": int((~desirable[mine]).sum()),
                 **losses.reward_stats(batch_logps, ref[mine], weights[mine], s.beta),
-                "tokens": tokens, "seconds": time.perf_counter() - step_started,
             }  # fmt: skip
-            self._emit(result, row, on_step)
-        result.steps = len(batches)
-        result.seconds = time.perf_counter() - started
-        return result
+            return row, sum(len(seqs[i].ids) for i in mine)
+
+        # 4. one optimizer step per batch
+        return self._epoch(result, batches, iteration, math.ceil(s.batch_size / self.world), loss_step, on_step, started)
 
     # ---- DPO / ORPO on best-vs-worst pairs
 
@@ -424,14 +442,10 @@ class Trainer:
         ref: dict[int, float] = {}
         if self.loss == "dpo":
             ref = dict(zip(used, self.logps([seqs[i] for i in used], reference=True).cpu().tolist()))
-        batches = self._batches(len(pairs), iteration)
-        optimizer = self._prepare(micro_batch_size=2 * math.ceil(s.batch_size / self.world))
-        lr_at = self._schedule(len(batches))
         device = self.runtime.device
-        for step, batch in enumerate(batches):
-            step_started = time.perf_counter()
-            mine = [pairs[b] for b in batch[self.rank :: self.world]]
-            share = len(batch) / self.world
+
+        def loss_step(batch: list[int], mine_ids: list[int], share: float) -> tuple[dict[str, Any], int]:
+            mine = [pairs[b] for b in mine_ids]
             loss_sum = 0.0
             margins: list[float] = []
             # chosen and rejected of a pair share one forward/backward: the pairwise memory cost (paper 4.1)
@@ -450,21 +464,15 @@ class Trainer:
                     tc = torch.tensor([seqs[i].response_len for i in chosen], device=device, dtype=torch.float32)
                     tr = torch.tensor([seqs[i].response_len for i in rejected], device=device, dtype=torch.float32)
                     loss = losses.orpo_loss(pc, pr, tc, tr, s.orpo_alpha) * len(group) / share
-                optimizer.backward(loss)
+                self.optimizer.backward(loss)
                 loss_sum += float(loss.detach())
-            lr = lr_at(step)
-            grad_norm = optimizer.step(lr)
-            tokens = sum(len(seqs[i].ids) for pair in mine for i in pair)
-            result.tokens += tokens
-            row = {"iteration": iteration, "step": step + 1, "steps": len(batches), "loss": loss_sum, "lr": lr,
-                   "grad_norm": grad_norm, "pairs": len(mine), "tokens": tokens,
-                   "seconds": time.perf_counter() - step_started}  # fmt: skip
+            row: dict[str, Any] = {"loss": loss_sum, "pairs": len(mine)}
             if margins:
                 row["reward_margin"] = sum(margins) / len(margins)
-            self._emit(result, row, on_step)
-        result.steps = len(batches)
-        result.seconds = time.perf_counter() - started
-        return result
+            return row, sum(len(seqs[i].ids) for pair in mine for i in pair)
+
+        batches = self._batches(len(pairs), iteration)
+        return self._epoch(result, batches, iteration, 2 * math.ceil(s.batch_size / self.world), loss_step, on_step, started)
 
     # ---- SFT on positives
 
@@ -475,29 +483,18 @@ class Trainer:
         if not positives:
             return result
         seqs = [self.encode(x.query, x.response) for x in positives]
-        batches = self._batches(len(seqs), iteration)
-        optimizer = self._prepare(micro_batch_size=math.ceil(self.settings.batch_size / self.world))
-        lr_at = self._schedule(len(batches))
-        for step, batch in enumerate(batches):
-            step_started = time.perf_counter()
-            mine = batch[self.rank :: self.world]
-            total = sum(seqs[i].response_len for i in batch) / self.world
+
+        def loss_step(batch: list[int], mine: list[int], share: float) -> tuple[dict[str, Any], int]:
+            total = sum(seqs[i].response_len for i in batch) / self.world  # token mean over the whole batch
             loss_sum = 0.0
             for group in micro_batches([len(seqs[i].ids) for i in mine], self.token_budget):
-                logps = self._grad_logps([seqs[mine[g]] for g in group])
-                loss = -logps.sum() / total
-                optimizer.backward(loss)
+                loss = losses.sft_loss(self._grad_logps([seqs[mine[g]] for g in group]), num_tokens=total)
+                self.optimizer.backward(loss)
                 loss_sum += float(loss.detach())
-            lr = lr_at(step)
-            grad_norm = optimizer.step(lr)
-            tokens = sum(len(seqs[i].ids) for i in mine)
-            result.tokens += tokens
-            self._emit(result, {"iteration": iteration, "step": step + 1, "steps": len(batches), "loss": loss_sum,
-                                "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                                "seconds": time.perf_counter() - step_started}, on_step)  # fmt: skip
-        result.steps = len(batches)
-        result.seconds = time.perf_counter() - started
-        return result
+            return {"loss": loss_sum}, sum(len(seqs[i].ids) for i in mine)
+
+        batches = self._batches(len(seqs), iteration)
+        return self._epoch(result, batches, iteration, math.ceil(self.settings.batch_size / self.world), loss_step, on_step, started)
 
     # ---- GRPO: the online RL baseline
 
@@ -520,19 +517,14 @@ class Trainer:
             dtype=torch.float32,
         )
         seqs = [self.encode(x.query, x.response) for x in samples]
-        batches = self._batches(len(samples), iteration)
         # 1. the sampling policy's (and, with a KL term, the reference's) per-token log-probs, once per iteration
         old = self.token_logps(seqs)
         ref = self.token_logps(seqs, reference=True) if s.grpo_beta_kl > 0 else None
         log.info("event=sampling_logps_done iteration=%d sequences=%d seconds=%.2f",
                  iteration, len(seqs) * (2 if ref else 1), time.perf_counter() - started)  # fmt: skip
-
-        optimizer = self._prepare(micro_batch_size=math.ceil(s.batch_size / self.world))
-        lr_at = self._schedule(len(batches))
         device = self.runtime.device
-        for step, batch in enumerate(batches):
-            step_started = time.perf_counter()
-            mine = batch[self.rank :: self.world]
+
+        def loss_step(batch: list[int], mine: list[int], share: float) -> tuple[dict[str, Any], int]:
             response_tokens = sum(seqs[i].response_len for i in mine)  # the metrics' denominator
             share_tokens = sum(seqs[i].response_len for i in batch) / self.world  # the loss's
             loss_sum = ratio_sum = clipped = kl_sum = 0.0
@@ -545,7 +537,7 @@ class Trainer:
                 adv_t = advantages[idx].to(device)[rows]
                 loss = losses.grpo_loss(per_token, old_t, adv_t, ref_t, num_tokens=share_tokens,
                                         epsilon=s.grpo_epsilon, beta_kl=s.grpo_beta_kl)  # fmt: skip
-                optimizer.backward(loss)
+                self.optimizer.backward(loss)
                 loss_sum += float(loss.detach())
                 with torch.no_grad():
                     ratio = torch.exp(per_token.detach() - old_t)
@@ -554,20 +546,16 @@ class Trainer:
                     if ref_t is not None:
                         delta = ref_t - per_token.detach()
                         kl_sum += float((torch.exp(delta) - delta - 1).sum())
-            lr = lr_at(step)
-            grad_norm = optimizer.step(lr)
-            tokens = sum(len(seqs[i].ids) for i in mine)
-            result.tokens += tokens
             adv = advantages[mine]
             row = {
-                "iteration": iteration, "step": step + 1, "steps": len(batches), "loss": loss_sum, "lr": lr,
-                "grad_norm": grad_norm, "advantage_mean": float(adv.mean()), "advantage_min": float(adv.min()),
+                "loss": loss_sum, "advantage_mean": float(adv.mean()), "advantage_min": float(adv.min()),
                 "advantage_max": float(adv.max()), "ratio_mean": ratio_sum / max(response_tokens, 1),
-                "clip_ratio": clipped / max(response_tokens, 1), "tokens": tokens, "seconds": time.perf_counter() - step_started,
+                "clip_ratio": clipped / max(response_tokens, 1),
             }  # fmt: skip
             if ref is not None:
                 row["kl"] = kl_sum / max(response_tokens, 1)
-            self._emit(result, row, on_step)
-        result.steps = len(batches)
-        result.seconds = time.perf_counter() - started
-        return result
+            return row, sum(len(seqs[i].ids) for i in mine)
+
+        # 2. one optimizer step per batch
+        batches = self._batches(len(samples), iteration)
+        return self._epoch(result, batches, iteration, math.ceil(s.batch_size / self.world), loss_step, on_step, started)
