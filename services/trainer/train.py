@@ -116,6 +116,8 @@ def deepspeed_config(path: str | Path, settings: TrainerSettings, micro_batch_si
             config[key] = value
     if config.get("bf16", {}).get("enabled") == "auto":
         config["bf16"]["enabled"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if "optimizer" not in config:  # ZeRO shards the client AdamW that Optimizer passes (DeepSpeed calls it "untested")
+        config.setdefault("zero_allow_untested_optimizer", True)
     return config
 
 
@@ -126,16 +128,17 @@ class Optimizer:
         self.settings = settings
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.engine = None
+        fused = bool(self.params) and self.params[0].is_cuda
+        adamw = torch.optim.AdamW(self.params, lr=settings.learning_rate, weight_decay=settings.weight_decay, fused=fused or None)
         if settings.deepspeed is not None:
             import deepspeed
 
+            # the same AdamW, handed to DeepSpeed: ZeRO-2/3 refuse to run without an optimizer, and the
+            # config files name none (the learning rate follows our schedule through param_groups)
             config = deepspeed_config(settings.deepspeed, settings, micro_batch_size)
-            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=self.params, config=config)
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=adamw, config=config)
         else:
-            fused = bool(self.params) and self.params[0].is_cuda
-            self.optimizer = torch.optim.AdamW(
-                self.params, lr=settings.learning_rate, weight_decay=settings.weight_decay, fused=fused or None
-            )
+            self.optimizer = adamw
 
     @property
     def model(self) -> Any:

@@ -44,3 +44,5 @@ def test_deepspeed_configs_fill_auto_fields(name, stage):
     assert config["train_micro_batch_size_per_gpu"] == 4 and config["train_batch_size"] == 4
     assert config["gradient_clipping"] == 0.5 and config["gradient_accumulation_steps"] == 1
     assert "auto" not in json.dumps(config)
+    # the files name no optimizer: ZeRO must accept the client AdamW (it raises "requires an optimizer" without one)
+    assert "optimizer" not in config and config["zero_allow_untested_optimizer"] is True
