@@ -229,3 +229,43 @@ def test_worker_killed_mid_iteration_and_restarted_publishes_each_sample_once(re
     finally:
         second.stop()
     check_iteration(redis_client, groups, "r4", 2)
+
+
+def test_two_worker_processes_score_each_group_once_and_match_one_worker(redis_client, redis_url, reward_scorer, tiny_models, tmp_path):
+    """Two `grace serve reward --worker-only` processes in one consumer group: every group scored once in all,
+    the iteration finalized once, and the weighted samples those of a single worker on the same groups."""
+    import re
+
+    groups = make_groups("r7", 0, 6)
+    env = {**model_env(tiny_models), "REDIS_URL": redis_url, "GRACE_REWARD_WORKER_BATCH": "1",
+           "GRACE_REWARD_BLOCK_MS": "100", "GRACE_REWARD_DTYPE": "fp32"}  # fmt: skip
+    processes = [
+        ServiceProcess(name, [sys.executable, "-m", "shared.cli", "serve", "reward", "--worker-only"], tmp_path / f"{name}.log",
+                       env={**env, "GRACE_REWARD_CONSUMER_NAME": name}, cwd=ROOT).start()  # fmt: skip
+        for name in ("worker-a", "worker-b")
+    ]
+    try:
+        for g in groups:
+            publish(redis_client, STREAM_ROLLOUTS, g)
+        publish(redis_client, STREAM_ROLLOUTS, IterationComplete(run_id="r7", iteration=0, stage="rollout", count=6))
+        wait_for(lambda: published(redis_client)[1], 300, "the two processes to finalize")
+        time.sleep(1.0)  # a second finalization, if there were one, would show up now
+    finally:
+        for process in processes:
+            process.stop()
+    together = check_iteration(redis_client, groups, "r7", 0)
+    logs = [p.log_path.read_text() for p in processes]
+    scored = [sum(int(n) for n in re.findall(r"event=groups_scored groups=(\d+)", log)) for log in logs]
+    assert sum(scored) == 6, scored  # each group scored once, by one of the two
+    assert sum(log.count("event=iteration_finalized") for log in logs) == 1
+
+    single = [g.model_copy(update={"run_id": "r7-one", "group_id": g.group_id.replace("r7:", "r7-one:")}) for g in groups]
+    for g in single:
+        publish(redis_client, STREAM_ROLLOUTS, g)
+    publish(redis_client, STREAM_ROLLOUTS, IterationComplete(run_id="r7-one", iteration=0, stage="rollout", count=6))
+    worker = RewardWorker(redis_client, reward_scorer.score, model_settings(tiny_models, consumer_name="alone", block_ms=50))
+    run_workers([worker], lambda: [m for m in published(redis_client)[1] if m.run_id == "r7-one"])
+    alone = {s.sample_id.replace("r7-one:", "r7:"): s for s in check_iteration(redis_client, single, "r7-one", 0)}
+    for s in together:
+        assert (s.label, s.parsed) == (alone[s.sample_id].label, alone[s.sample_id].parsed)
+        assert s.weight == pytest.approx(alone[s.sample_id].weight, rel=1e-6, abs=1e-9), s.sample_id
