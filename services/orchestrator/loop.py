@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from services.orchestrator.progress import wait_for_adapter, wait_for_samples
+from services.orchestrator.progress import RedisEpoch, StageTimeout, wait_for_adapter, wait_for_samples
 from services.orchestrator.stack import StackInfo
 from shared.adapters import adapter_version
 from shared.group_health import Outcome, group_health
@@ -100,6 +100,7 @@ class SemiOnlineRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.state = RunState.load(self.run_dir / "state.json")
         self.redis = connect(info.redis_url)
+        self.epoch = RedisEpoch(self.redis)  # one per run: a restart between two stages is seen too
         self.recorder: RunRecorder | None = None  # while run() runs: each metrics.jsonl row also goes to the trackers
 
     def _check_config(self) -> None:
@@ -146,24 +147,27 @@ class SemiOnlineRun:
         )
 
     def _iteration(self, iteration: int) -> None:
-        from services.orchestrator.rollout import run_iteration
-
         timeout = self.options.stage_timeout_s
         started = time.perf_counter()
         k, m = self.config.queries_in(iteration), self.config.responses_per_query
         with self.console.status(f"iteration {iteration}: rollout (K={k}, m={m})"):
-            result = asyncio.run(run_iteration(self.rollout_settings(), self.redis, iteration, offline=self.config.offline))
+            result = self._rollout(iteration, timeout)
         self.console.print(
             f"iteration {iteration}: rollout published {result.published} groups "
             f"({_query_sources(result)}parsed {result.parsed_fraction:.0%}, truncated {result.truncation_rate:.0%}, "
             f"{result.completion_tokens} tokens, {result.seconds:.1f}s)"
         )
+
+        def again() -> None:  # Redis restarted: re-publish, idempotently, what the last second of its AOF lost
+            self.console.print(f"iteration {iteration}: Redis restarted; re-running the rollout stage")
+            self._rollout(iteration, timeout)
+
         with self.console.status(f"iteration {iteration}: reward scoring and calibration"):
-            marker = wait_for_samples(self.redis, self.config.run_id, iteration, timeout)
+            marker = wait_for_samples(self.redis, self.config.run_id, iteration, timeout, epoch=self.epoch, on_restart=again)
         self.console.print(f"iteration {iteration}: reward published {marker.count} weighted samples")
         version = adapter_version(iteration)
         with self.console.status(f"iteration {iteration}: training ({self.config.loss}) and hot swap of {version}"):
-            status = wait_for_adapter(self.redis, self.config.run_id, version, timeout)
+            status = wait_for_adapter(self.redis, self.config.run_id, version, timeout, epoch=self.epoch, on_restart=again)
         self.console.print(f"iteration {iteration}: adapter {version} serving as policy on {status.replica}")
         trained = iteration_record(samples_file(self.run_dir.parent, self.config.run_id, iteration))
         self._evaluate(stage_label(iteration))
@@ -173,6 +177,24 @@ class SemiOnlineRun:
         self._append_metrics({"iteration": iteration, "stage": "iteration", "seconds": time.perf_counter() - started,
                               "groups": result.published, "samples": marker.count, "adapter": version,
                               "heldout_dropped": result.heldout_dropped, **trained})  # fmt: skip
+
+    def _rollout(self, iteration: int, timeout: float) -> IterationResult:
+        """The iteration's rollout stage, retried while Redis or the rollout service is down or restarting
+        (until ``timeout``): it skips the groups already published, so a retry only adds what is missing."""
+        from services.orchestrator.rollout import run_iteration
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.epoch.restarted()  # a restart seen here is handled by this very run
+                return asyncio.run(run_iteration(self.rollout_settings(), self.redis, iteration, offline=self.config.offline))
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise StageTimeout(f"rollout of iteration {iteration} failed for {timeout:.0f}s: {exc}") from exc
+                log.warning("event=rollout_retry iteration=%d error=%s detail=%s", iteration, type(exc).__name__, str(exc)[:200])
+                time.sleep(2.0)
 
     def _evaluate(self, label: str) -> None:
         from services.orchestrator.evaluation import EvalOptions, PolicySpec, run_eval
@@ -334,6 +356,17 @@ def iteration_record(path: Path) -> dict:
         "omega_minus": sum(not (r["weight"] >= 0 and r["parsed"]) for r in rows),
         "sources": dict(Counter(members[0]["source"] for members in groups.values())),
     }
+
+
+def _transient(exc: BaseException) -> bool:
+    """An error a retry can outlive: Redis or the rollout service down, restarting or still loading."""
+    import httpx
+    import openai
+    import redis
+
+    transient = (redis.ConnectionError, redis.TimeoutError, httpx.TransportError, openai.APIConnectionError,
+                 openai.InternalServerError)  # fmt: skip
+    return isinstance(exc, transient) or isinstance(exc.__cause__, transient)
 
 
 def _query_sources(result: IterationResult) -> str:

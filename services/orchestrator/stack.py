@@ -3,15 +3,23 @@
 Every child gets one YAML settings file (``GRACE_CONFIG``) written into the
 stack folder, so all of them agree on Redis, the models and the adapter
 store; logs go to ``<stack dir>/logs/<service>.log``. A child that dies is
-restarted (with backoff); Ctrl-C or ``down()`` stops everything, process
-groups included, so no orphan stays behind.
+restarted (with backoff), and so is the embedded Redis, on the same folder
+(append-only file, fsync every second) and port; Ctrl-C or ``down()`` stops
+everything, process groups included, so no orphan stays behind.
+
+A restarted rollout service is a new replica (its vLLM holds no adapter), so
+it gets a new replica name: its new adapter consumer group replays the adapter
+stream from the start and it serves the newest ``policy`` before it is ready.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +84,7 @@ class LocalStack:
         self.processes: dict[str, ServiceProcess] = {}
         self.restarts: dict[str, int] = {}
         self.info: StackInfo | None = None
+        self._lock = threading.Lock()  # a kill and a restart of the same child never interleave
 
     def up(self) -> StackInfo:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -131,24 +140,81 @@ class LocalStack:
         )
         self.processes[name] = process.start()
 
-    def supervise(self, interval: float = 2.0, max_restarts: int = 5) -> None:
-        """Restarts children that die (up to ``max_restarts`` each); returns on KeyboardInterrupt."""
+    def supervise(self, interval: float = 2.0, max_restarts: int = 5, stop: threading.Event | None = None) -> None:
+        """Restarts children (and the embedded Redis) that die, up to ``max_restarts`` each; returns on
+        KeyboardInterrupt or once ``stop`` is set (so it can run in a thread beside a run)."""
+        stop = stop or threading.Event()
         try:
-            while True:
-                for name, process in list(self.processes.items()):
-                    if process.alive():
-                        continue
-                    count = self.restarts.get(name, 0)
-                    if count >= max_restarts:
-                        raise RuntimeError(f"{name} died {count + 1} times; see {process.log_path}")
-                    log.warning("event=service_died name=%s rc=%s restart=%d", name, process.process.returncode, count + 1)
-                    time.sleep(min(30, 2**count))
-                    process.stop()
-                    process.start()
-                    self.restarts[name] = count + 1
-                time.sleep(interval)
+            while not stop.is_set():
+                self.restart_dead(max_restarts)
+                stop.wait(interval)
         except KeyboardInterrupt:
             pass
+
+    def restart_dead(self, max_restarts: int = 5) -> list[str]:
+        """One supervision pass: what was dead and is started again (``redis`` for the embedded Redis)."""
+        restarted = []
+        with self._lock:
+            if self.redis is not None and not self.redis.alive():
+                self._count_restart("redis", self.dir / "redis" / "redis.log", max_restarts)
+                self.redis.start()  # same folder and port: the AOF is replayed, clients reconnect to the same URL
+                restarted.append("redis")
+            for name, process in list(self.processes.items()):
+                if process.alive():
+                    continue
+                count = self._count_restart(name, process.log_path, max_restarts, process.process.returncode)
+                time.sleep(min(30, 2 ** (count - 1)))
+                process.stop()
+                if _kind(name) == "rollout":  # a new replica: see the module docstring
+                    process.env["GRACE_ROLLOUT_REPLICA"] = f"{self.dir.name}-{name}-r{count}"
+                process.start()
+                restarted.append(name)
+        return restarted
+
+    def _count_restart(self, name: str, log_path: Path, max_restarts: int, rc: int | None = None) -> int:
+        count = self.restarts.get(name, 0)
+        if count >= max_restarts:
+            raise RuntimeError(f"{name} died {count + 1} times; see {log_path}")
+        log.warning("event=service_died name=%s rc=%s restart=%d", name, rc, count + 1)
+        self.restarts[name] = count + 1
+        return count + 1
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a child's whole process group (vLLM included), or the embedded Redis (``redis``), as a
+        crash would; the supervisor restarts it. For fault injection (``grace bench chaos``)."""
+        with self._lock:
+            if name == "redis":
+                if self.redis is None:
+                    raise ValueError("this stack uses an external Redis (redis_url): it cannot kill it")
+                self.redis.kill()
+                return
+            if name not in self.processes:
+                raise ValueError(f"no service {name!r} in this stack; it runs {', '.join(self.processes)}")
+            process = self.processes[name].process
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait()
+        log.warning("event=service_killed name=%s pid=%s", name, process.pid)
+
+    def healthy(self) -> bool:
+        """Every child alive and answering its health URL, and the embedded Redis up."""
+        if self.redis is not None and not self.redis.alive():
+            return False
+        for process in list(self.processes.values()):
+            try:
+                process.wait_healthy(timeout=0, interval=0)
+            except (RuntimeError, TimeoutError):
+                return False
+        return True
+
+    def wait_healthy(self, timeout: float = 600.0, interval: float = 1.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"stack not healthy after {timeout:.0f}s; logs in {self.dir / 'logs'}")
+            time.sleep(interval)
 
     def down(self) -> None:
         for name in reversed(list(self.processes)):

@@ -317,6 +317,23 @@ class TrainerWorker:
             trained += 1
         return trained
 
+    def _wait_for_redis(self, exc: Exception, stop: threading.Event, every_s: float = 2.0) -> None:
+        """Redis is down or restarting: wait here rather than die, so the loaded policy stays in memory (a
+        supervisor restart would reload it, and ``grace serve trainer`` may run with no supervisor at all).
+        Every step is idempotent, so the interrupted one is simply redone. A fresh consumer re-reads its own
+        pending entries first: an ack lost with the last second of the AOF would otherwise wait ``min_idle_ms``."""
+        log.warning("event=trainer_redis_unavailable error=%s detail=%s", type(exc).__name__, exc)
+        while not stop.wait(every_s):
+            try:
+                self.consumer = StreamConsumer(
+                    self.client, STREAM_SAMPLES, self.settings.group, self.settings.consumer,
+                    min_idle_ms=self.settings.min_idle_ms, on_dead_letter=self._dead_lettered,
+                )  # fmt: skip
+            except (redis.ConnectionError, redis.TimeoutError):
+                continue
+            log.info("event=trainer_redis_back")
+            return
+
     def run(self, stop: threading.Event | None = None) -> None:
         """Until ``stop`` (or ``max_iterations``). Under DeepSpeed, rank 0 reads the stream and picks the
         iteration; every rank trains it (samples come from Redis); rank 0 writes and publishes."""
@@ -325,7 +342,10 @@ class TrainerWorker:
         stop = stop or threading.Event()
         while not stop.is_set():
             if self.world == 1:
-                self.run_once()
+                try:
+                    self.run_once()
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    self._wait_for_redis(exc, stop)
             else:
                 import torch.distributed as dist
 
