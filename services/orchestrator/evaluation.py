@@ -28,6 +28,7 @@ import httpx
 
 from services.judge.protocol import Judgment, Usage
 from services.orchestrator import report
+from services.reward.client import AsyncRewardClient
 from shared.jsonl import read_queries, write_jsonl
 from shared.parsing import extract_structured
 from shared.prompts import chat_messages
@@ -176,18 +177,17 @@ async def score(records: list[EvalRecord], opts: EvalOptions, tick: Callable[[in
             groups.setdefault((r.policy, r.query_id), []).append(r)
     keys = list(groups)
     step = opts.reward_groups_per_request
-    url = f"{opts.reward_url.rstrip('/')}/v1/score"
 
-    async def post(http: httpx.AsyncClient, chunk: list[tuple[str, str]]) -> None:
-        body = {"groups": [{"query": groups[k][0].query, "responses": [r.response for r in groups[k]]} for k in chunk]}
-        answer = await _post_with_retry(http, url, body)
-        for key, group in zip(chunk, answer["groups"]):
-            for result in group["results"]:
-                record = groups[key][result["index"]]
-                record.parsed = bool(result["parsed"])
-                record.metrics = result.get("metrics")
+    async def post(http: AsyncRewardClient, chunk: list[tuple[str, str]]) -> None:
+        answer = await http.score([(groups[k][0].query, [r.response for r in groups[k]]) for k in chunk])
+        for key, group in zip(chunk, answer.groups):
+            for result in group.results:
+                record = groups[key][result.index]
+                record.parsed = result.parsed
+                record.metrics = result.metrics.model_dump() if result.metrics else None
 
-    async with httpx.AsyncClient(timeout=opts.request_timeout_s, headers=_headers(opts.reward_api_key)) as http:
+    reward = AsyncRewardClient(opts.reward_url, opts.reward_api_key, timeout=opts.request_timeout_s, busy_retries=7)
+    async with reward as http:
         for start in range(0, len(keys), step):
             chunk = keys[start : start + step]
             try:

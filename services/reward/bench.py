@@ -40,6 +40,7 @@ import torch
 
 from services.reward import metrics as M
 from services.reward.calibration import calibrate
+from shared.bench_report import save_figure, write_json, write_markdown
 from shared.jsonl import read_queries
 from shared.parsing import extract_structured
 from shared.schemas import Metrics
@@ -310,25 +311,15 @@ def run_bench(
 
 def _write(out_dir: Path | None, result: dict) -> None:
     out_dir = out_dir or Path("runs") / f"bench-reward-{time.strftime('%Y%m%d-%H%M%S')}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_reward.json").write_text(json.dumps(result, indent=2))
-    rows = [f"| {k} | {v} |" for k, v in result.items()]
-    (out_dir / "bench_reward.md").write_text("| figure | value |\n|---|---|\n" + "\n".join(rows) + "\n")
-    try:
-        import matplotlib
+    write_json(out_dir / "bench_reward.json", result)
+    write_markdown(out_dir / "bench_reward.md", ["figure", "value"], list(result.items()))
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 3))
+    def draw(ax) -> None:
         ax.bar(["service", "naive"], [result["service_responses_per_s"], result["naive_responses_per_s"]], color=["C0", "C7"])
         ax.set_ylabel("responses / s")
         ax.set_title(f"reward scoring, speedup {result['speedup']}x")
-        fig.tight_layout()
-        fig.savefig(out_dir / "bench_reward.png", dpi=120)
-        plt.close(fig)
-    except Exception as exc:  # the plot is a convenience; the JSON and table are the record
-        log.warning("event=plot_failed error=%s", exc)
+
+    save_figure(out_dir / "bench_reward.png", draw, figsize=(5, 3))
 
 
 if __name__ == "__main__":

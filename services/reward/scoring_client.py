@@ -1,16 +1,14 @@
-"""`grace score`: metrics through the HTTP API or in-process, calibration over the whole file."""
+"""`grace score`: metrics through the HTTP API (``RewardClient``) or in-process, calibration over the whole file."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-
+from services.reward.client import RewardClient
 from services.reward.scorer import score_response
 from shared.jsonl import read_jsonl
-from shared.schemas import Metrics, ScoreGroup, ScoreResponse
+from shared.schemas import Metrics, ScoreGroup
 
 
 def load_groups(path: Path) -> list[ScoreGroup]:
@@ -23,22 +21,6 @@ def load_groups(path: Path) -> list[ScoreGroup]:
     if not groups:
         raise ValueError(f"{path}: no groups")
     return groups
-
-
-def metrics_via_api(
-    client: httpx.Client, groups: list[ScoreGroup], headers: dict[str, str], attempts: int = 30
-) -> list[list[Metrics | None]]:
-    body = {"groups": [g.model_dump() for g in groups]}
-    for _ in range(attempts):
-        reply = client.post("/v1/score", json=body, headers=headers)
-        if reply.status_code == 503:  # busy or loading: wait as told
-            time.sleep(float(reply.headers.get("Retry-After", "2")))
-            continue
-        if reply.status_code != 200:
-            raise RuntimeError(f"/v1/score answered {reply.status_code}: {reply.text[:500]}")
-        parsed = ScoreResponse.model_validate(reply.json())
-        return [[r.metrics if r.parsed else None for r in g.results] for g in parsed.groups]
-    raise RuntimeError(f"/v1/score still busy after {attempts} attempts")
 
 
 def score_file(
@@ -54,10 +36,10 @@ def score_file(
     metrics: list[list[Metrics | None]] = []
     chunks = [groups[i : i + batch] for i in range(0, len(groups), batch)]
     if url:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        with httpx.Client(base_url=url, timeout=httpx.Timeout(600.0, connect=10.0)) as client:
+        with RewardClient(url, api_key) as client:
             for chunk in chunks:
-                metrics += metrics_via_api(client, chunk, headers)
+                scored = client.score(chunk)
+                metrics += [[r.metrics if r.parsed else None for r in g.results] for g in scored.groups]
                 advance(sum(len(g.responses) for g in chunk))
     else:
         from services.reward.config import RewardSettings

@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.bench_report import save_figure, write_json, write_markdown
+
 log = logging.getLogger(__name__)
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -246,30 +248,18 @@ def bench_preset(preset: str, config: BenchConfig) -> dict:
 
 
 def _report(results: list[dict], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps(results, indent=2))
+    write_json(out_dir / "bench.json", results)
+    systems = ["service", "vllm", "transformers"]
+    header = ["preset", "service tok/s", "raw vLLM tok/s", "transformers tok/s", "overhead ratio"]
+    header += ["speedup vs transformers", "swap median s", "swap max s"]
     rows = [
-        "| preset | service tok/s | raw vLLM tok/s | transformers tok/s | overhead ratio | speedup vs transformers "
-        "| swap median s | swap max s |",
-        "|---|---|---|---|---|---|---|---|",
+        [r["preset"], *(f"{r[system]['tok_s']:.0f}" for system in systems), f"{r['overhead_ratio_vs_vllm']:.3f}"]
+        + [f"{r['speedup_vs_transformers']:.2f}", *(f"{r['swap_latency_s'][k]:.3f}" for k in ("median", "max"))]
+        for r in results
     ]
-    for r in results:
-        rows.append(
-            f"| {r['preset']} | {r['service']['tok_s']:.0f} | {r['vllm']['tok_s']:.0f} | {r['transformers']['tok_s']:.0f} "
-            f"| {r['overhead_ratio_vs_vllm']:.3f} | {r['speedup_vs_transformers']:.2f} "
-            f"| {r['swap_latency_s']['median']:.3f} | {r['swap_latency_s']['max']:.3f} |"
-        )
-    table = "\n".join(rows)
-    (out_dir / "bench.md").write_text(table + "\n")
-    print(table)
-    try:
-        import matplotlib
+    print(write_markdown(out_dir / "bench.md", header, rows))
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        systems = ["service", "vllm", "transformers"]
+    def draw(ax) -> None:
         width = 0.25
         for j, system in enumerate(systems):
             ax.bar([i + j * width for i in range(len(results))], [r[system]["tok_s"] for r in results], width, label=system)
@@ -277,11 +267,8 @@ def _report(results: list[dict], out_dir: Path) -> None:
         ax.set_ylabel("generated tokens/s")
         ax.set_title("rollout workload (K x m, varied length)")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / "bench.png", dpi=120)
-        plt.close(fig)
-    except ImportError:  # matplotlib is a dependency; a broken install must not lose the figures
-        log.warning("event=bench_plot_skipped")
+
+    save_figure(out_dir / "bench.png", draw)
 
 
 def run_bench(config: BenchConfig) -> dict:

@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.bench_report import write_json, write_markdown
+
 log = logging.getLogger(__name__)
 
 METHODS = ("grace_kto", "trl_kto", "dpo", "grpo")
@@ -221,13 +223,11 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "grpo_memory_ratio": round(grace["peak_rss_mb"] / grpo["peak_rss_mb"], 3),
         "grpo_speedup": round(grpo["seconds"] / grace["seconds"], 3),  # > 1: GRACE-KTO's epoch is faster
     }  # fmt: skip
-    (out / "bench.json").write_text(json.dumps(summary, indent=1))
-    table = ["| method | steps | tokens | seconds | tokens/s | peak RSS MB | peak - start MB |", "|---|---|---|---|---|---|---|"]
-    for r in results.values():
-        table.append(f"| {r['method']} | {r['steps']} | {r['tokens']} | {r['seconds']} | {r['tokens_per_s']} | "
-                     f"{r['peak_rss_mb']} | {r['peak_delta_mb']} |")  # fmt: skip
-    (out / "bench.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table))
+    write_json(out / "bench.json", summary, indent=1)
+    header = ["method", "steps", "tokens", "seconds", "tokens/s", "peak RSS MB", "peak - start MB"]
+    rows = [[r[k] for k in ("method", "steps", "tokens", "seconds", "tokens_per_s", "peak_rss_mb", "peak_delta_mb")]
+            for r in results.values()]  # fmt: skip
+    print(write_markdown(out / "bench.md", header, rows))
     print(json.dumps(summary), flush=True)
     return summary
 
