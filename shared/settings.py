@@ -12,12 +12,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import warnings
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -60,7 +61,7 @@ class YamlSectionSource(PydanticBaseSettingsSource):
         return self.values.get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.values.items() if k in self.settings_cls.model_fields}
+        return {k: v for k, v in self.values.items() if k in {*self.settings_cls.model_fields, *self.settings_cls.renamed}}
 
 
 class ServiceSettings(BaseSettings):
@@ -75,12 +76,19 @@ class ServiceSettings(BaseSettings):
 
     section: ClassVar[str] = "common"
     model_config = service_config("GRACE_")
+    # renamed settings, old -> new: the old name (argument, YAML key, env variable) works with a FutureWarning
+    renamed: ClassVar[dict[str, str]] = {}
 
     redis_url: str | None = Field(
         default_factory=lambda: os.environ.get("REDIS_URL"),
         description="Redis URL; unset = start a private local redis-server",
     )
-    policy_model: str | None = Field(None, description="policy / general model path (unset = tiny local set)")
+    policy_model: str | None = Field(None, description="policy / general model path (unset = the local set's policy)")
+    model_preset: Literal["tiny", "small"] = Field(
+        "tiny",
+        description="local model set (built on first use) behind every model path left unset; set it in `common:` so "
+        "the rollout serves, and the trainer and SFT train, the same base",
+    )
     general_model: str | None = Field(
         None,
         description=(
@@ -124,6 +132,17 @@ class ServiceSettings(BaseSettings):
         """The YAML part of the settings (a service may extend ``YamlSectionSource``)."""
         return YamlSectionSource(settings_cls, cls.section)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_renamed(cls, data: Any) -> Any:
+        prefix = (cls.model_config.get("env_prefix") or "").upper()
+        for old, new in cls.renamed.items() if isinstance(data, dict) else ():
+            value = data.pop(old, None) or os.environ.get(f"{prefix}{old.upper()}")
+            if value is not None:
+                warnings.warn(f"{old} ({prefix}{old.upper()}) is deprecated: use {new} ({prefix}{new.upper()})", FutureWarning, stacklevel=2)
+                data.setdefault(new, value)
+        return data
+
     def api_key_value(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key else None
 
@@ -133,6 +152,13 @@ class ServiceSettings(BaseSettings):
             return self.general_model
         _warn_general_is_policy(self.policy_model, self.model_config.get("env_prefix") or "GRACE_")
         return self.policy_model
+
+    def policy_path(self) -> str:
+        """``policy_model``, else the local ``model_preset`` set's policy: the base the rollout serves and the
+        trainer and SFT train on."""
+        from shared.tiny_models import ensure_model_set
+
+        return self.policy_model or str(ensure_model_set(self.model_preset).policy)
 
     def rope(self) -> RopeConfig:
         """This service's RoPE setting, as a run records it (``RunConfig.rope``) and services compare it."""

@@ -104,22 +104,21 @@ class ContextOptions:
 
 
 def _load(opts: ContextOptions, method: str, factor: float, native: int, theta: float):
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from shared.devices import resolve_device, resolve_dtype
 
     rope, max_positions = rope_setup(method, factor, native, theta)
     config = AutoConfig.from_pretrained(opts.model)
     config.rope_parameters = rope
     config.max_position_embeddings = max_positions
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(opts.dtype)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device, cpu_bf16=False)
     model = AutoModelForCausalLM.from_pretrained(opts.model, config=config, dtype=dtype).to(device).eval()
     return model, device
 
 
-def _perplexity(model, device: str, sequences: list[list[int]]) -> float:
+def _perplexity(model, device, sequences: list[list[int]]) -> float:
     import torch
 
     nll, count = 0.0, 0
@@ -132,7 +131,7 @@ def _perplexity(model, device: str, sequences: list[list[int]]) -> float:
     return math.exp(nll / count)
 
 
-def _generated_tokens(model, tokenizer, device: str, prompts: list[str], window: int, opts: ContextOptions) -> float:
+def _generated_tokens(model, tokenizer, device, prompts: list[str], window: int, opts: ContextOptions) -> float:
     import torch
 
     from shared.prompts import chat_messages

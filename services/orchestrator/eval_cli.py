@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
@@ -82,8 +82,8 @@ def evaluate(
 
 @eval_app.command("context")
 def context(
-    model: str = typer.Option(None, help="causal LM folder (default: GRACE_POLICY_MODEL or the local tiny set)"),
-    preset: str = typer.Option("tiny", help="local model set when no model is given"),
+    model: str = typer.Option(None, help="causal LM folder (default: policy_model, else the local model_preset set)"),
+    preset: Optional[Literal["tiny", "small"]] = typer.Option(None, help="local model set when no model is given (default: model_preset)"),
     out: Path = typer.Option(None, help="output folder (default: <run_root>/<run_id>/context-<time>)"),
     native_window: int = typer.Option(None, help="treat this as the native window N (default: the model's)"),
     factors: str = typer.Option("1,2,4", help="windows as multiples of N"),
@@ -108,11 +108,7 @@ def context(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--factors") from exc
     if not model:
-        model = JudgeSettings().policy_model
-    if not model:
-        from shared.tiny_models import ensure_model_set
-
-        model = str(ensure_model_set(preset).policy)
+        model = JudgeSettings(**({"model_preset": preset} if preset else {})).policy_path()
     opts = ContextOptions(
         model=model, out_dir=out or _default_out("context"), native_window=native_window, factors=factor_list,
         methods=method_list, texts=texts, prompts=prompts, max_new_tokens=max_new_tokens, queries=queries,

@@ -14,10 +14,10 @@ from shared.settings import ServiceSettings, service_config
 class RewardSettings(ServiceSettings):
     section: ClassVar[str] = "reward"
     model_config = service_config("GRACE_REWARD_")
+    renamed: ClassVar[dict[str, str]] = {"preset": "model_preset"}  # GRACE_REWARD_PRESET
 
     host: str = Field("127.0.0.1", description="HTTP bind address")
     port: int = Field(8100, description="HTTP port")
-    preset: Literal["tiny", "small"] = Field("tiny", description="local model set used when no model path is set")
 
     # compute
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")

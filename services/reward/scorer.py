@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from services.reward import metrics as M
 from services.reward.calibration import DegenerateGroups, calibrate
 from services.reward.config import RewardSettings
+from shared.devices import resolve_device, resolve_dtype
+from shared.packing import token_budget_batches
 from shared.parsing import extract_structured
 from shared.schemas import GroupResult, Metrics, ResponseResult, ScoreResponse
 
@@ -60,12 +62,6 @@ class Encoded:
     colbert: torch.Tensor
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def apply_memory_cap(fraction: float | None, device: torch.device) -> float | None:
     """Caps this process's CUDA caching allocator at ``fraction`` of the device's memory (before any model loads).
 
@@ -83,51 +79,10 @@ def apply_memory_cap(fraction: float | None, device: torch.device) -> float | No
     return fraction
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmul is then ~2x fp32 on CPU."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "fp32":
-        return torch.float32
-    if name == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-
-
 def matmul_params(module: torch.nn.Module) -> int:
     """Weights that take part in matmuls (every >= 2-D parameter except embedding tables)."""
     skip = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)}
     return sum(p.numel() for p in module.parameters() if p.dim() >= 2 and id(p) not in skip)
-
-
-def token_batches(lengths: Sequence[int], budget: int, max_padding: float = 0.125) -> list[list[int]]:
-    """Indices sorted by length (longest first), packed so batch x longest <= budget.
-
-    A text shorter than (1 - max_padding) x its batch's longest starts a new
-    batch: on CPU a long text alone already runs near the matmul bound, so
-    padding is pure waste while batching only pays off for short texts.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches:
-            width = lengths[batches[-1][0]]
-            if (len(batches[-1]) + 1) * width <= budget and lengths[i] >= (1 - max_padding) * width:
-                batches[-1].append(i)
-                continue
-        batches.append([i])
-    return batches
 
 
 class CausalScorer:
@@ -153,7 +108,7 @@ class CausalScorer:
     ) -> list[float]:
         """Per segment (token ids, first scored position): summed NLL of the scored positions."""
         out = [0.0] * len(segments)
-        for batch in token_batches([len(ids) for ids, _ in segments], budget):
+        for batch in token_budget_batches([len(ids) for ids, _ in segments], budget):
             width = len(segments[batch[0]][0])
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             rows, cols = [], []
@@ -226,7 +181,7 @@ class BgeM3Encoder:
     def encode(self, texts: Sequence[str], budget: int, stats: ComputeStats) -> list[Encoded]:
         encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
         out: list[Encoded | None] = [None] * len(texts)
-        for batch in token_batches([len(e) for e in encoded], budget):
+        for batch in token_budget_batches([len(e) for e in encoded], budget):
             width = len(encoded[batch[0]])
             ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -280,7 +235,7 @@ class Scorer:
         self.settings = settings
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        self.models = resolve_models(settings, preset=settings.preset)
+        self.models = resolve_models(settings, preset=settings.model_preset)
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.memory_cap = apply_memory_cap(settings.gpu_memory_fraction, self.device)

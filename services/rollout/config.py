@@ -20,6 +20,7 @@ from shared.settings import ServiceSettings, service_config
 class RolloutSettings(ServiceSettings):
     section: ClassVar[str] = "rollout"
     model_config = service_config("GRACE_ROLLOUT_")
+    renamed: ClassVar[dict[str, str]] = {"tiny_preset": "model_preset"}  # GRACE_ROLLOUT_TINY_PRESET
 
     # ---------------------------------------------------------------- gateway (the port users call)
     host: str = Field("0.0.0.0", description="gateway bind address")
@@ -38,7 +39,6 @@ class RolloutSettings(ServiceSettings):
     vllm_port: int = Field(0, description="vLLM port (0 = a free one)")
     vllm_url: str | None = Field(None, description="use an already running vLLM instead of starting one")
     served_model_name: str = Field("base", description="vLLM name of the base model (what `policy` means before any adapter)")
-    tiny_preset: str = Field("tiny", description="local model set used when policy_model is unset: tiny | small")
     dtype: str = Field("auto", description="vLLM --dtype (auto = bfloat16 on GPU and CPU)")
     # yarn_factor, native_window, rope_scope: the run's one RoPE setting, on ServiceSettings (``common:``)
     max_model_len: int | None = Field(None, description="unset = yarn_factor x native window (32k for an 8k model)")

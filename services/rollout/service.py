@@ -24,26 +24,10 @@ from shared.settings import grace_home
 log = logging.getLogger(__name__)
 
 
-def resolve_model(settings: RolloutSettings) -> str:
-    if settings.policy_model:
-        return settings.policy_model
-    from shared.tiny_models import ensure_model_set
-
-    return str(ensure_model_set(settings.tiny_preset).policy)
-
-
-def cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
-
-
 def start_vllm(settings: RolloutSettings, model: str) -> tuple[ServiceProcess, str]:
     """Starts vLLM's OpenAI server as a child (dies with us: parent-death signal via setpriv when present)."""
     from services.rollout.vllm_server import vllm_command
+    from shared.devices import cuda_available
 
     port = settings.vllm_port or free_port(settings.vllm_host)
     argv, env = vllm_command(settings, model, port, cuda=cuda_available())
@@ -109,7 +93,7 @@ class RolloutService:
         if settings.vllm_url:
             vllm_url = settings.vllm_url
         else:
-            self.vllm, vllm_url = start_vllm(settings, resolve_model(settings))
+            self.vllm, vllm_url = start_vllm(settings, settings.policy_path())
         registry = AdapterRegistry(settings.served_model_name)
         app = create_app(settings, registry, vllm_url, ready=self.ready.is_set)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
@@ -130,7 +114,7 @@ class RolloutService:
         return self.exit_code
 
     def _supervise(self, registry: AdapterRegistry, vllm_url: str) -> None:
-        from services.rollout.adapters import AdapterManager
+        from services.rollout.hot_swap import AdapterManager
 
         settings = self.settings
         try:

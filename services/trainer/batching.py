@@ -2,8 +2,8 @@
 
 The optimizer batch is drawn at random, as any trainer does; only its
 *execution* is reordered: sequences of one batch are sorted by length and cut
-into micro-batches whose padded size stays within a token budget, and the
-gradients of the micro-batches are summed. The loss is a batch mean of
+into micro-batches whose padded size stays within a token budget (``shared.packing``),
+and the gradients of the micro-batches are summed. The loss is a batch mean of
 per-sequence terms (z_ref being computed first and detached), so the step is
 the same as one padded forward of the whole batch, minus the padding.
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import random
+
+from shared.packing import token_budget_batches as micro_batches  # noqa: F401 - train.py packs by this name
 
 
 def plan_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
@@ -24,34 +26,6 @@ def plan_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
 def mismatched_partners(batch: list[int]) -> list[int]:
     """For KTO's KL estimate: sample k of a batch is paired with the response of sample k-1 (rotation by one, as TRL)."""
     return [batch[-1]] + batch[:-1]
-
-
-def micro_batches(lengths: list[int], max_tokens: int, max_waste: float = 0.1) -> list[list[int]]:
-    """Positions 0..len-1 grouped into micro-batches, longest first.
-
-    A micro-batch pads its members to its first (longest) length; a member
-    joins only while ``count * longest <= max_tokens`` and the padding stays
-    within ``max_waste`` of the real tokens. A sequence longer than the budget
-    runs alone.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups: list[list[int]] = []
-    current: list[int] = []
-    real = 0
-    for index in order:
-        if current:
-            longest = lengths[current[0]]
-            padded = (len(current) + 1) * longest
-            waste = padded - (real + lengths[index])
-            if padded <= max_tokens and waste <= max_waste * (real + lengths[index]):
-                current.append(index)
-                real += lengths[index]
-                continue
-            groups.append(current)
-        current, real = [index], lengths[index]
-    if current:
-        groups.append(current)
-    return groups
 
 
 def cosine_lr(step: int, total_steps: int, peak: float, floor: float, warmup_ratio: float) -> float:

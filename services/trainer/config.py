@@ -105,6 +105,3 @@ class TrainerSettings(ServiceSettings):
                 "iterations is DeepSpeed's); use lr_schedule='per_iteration'"
             )
         return self
-
-    def lora_scale(self) -> float:
-        return self.lora_alpha / self.lora_rank

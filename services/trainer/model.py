@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from shared.devices import resolve_device, resolve_dtype
+
 if TYPE_CHECKING:
     from services.trainer.config import TrainerSettings
     from shared.rope import RopeConfig
@@ -50,9 +52,9 @@ class Runtime:
 
 
 def resolve_runtime(settings: TrainerSettings) -> Runtime:
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    precision = settings.precision if settings.precision != "auto" else ("bf16" if cuda else "fp32")
+    device = resolve_device()
+    cuda = device.type == "cuda"
+    dtype = resolve_dtype(settings.precision, device, cpu_bf16=False)
     if settings.quantization == "nf4" and not cuda:
         raise ValueError("quantization=nf4 needs CUDA (bitsandbytes 4-bit kernels)")
     quantize = cuda and settings.quantization in ("auto", "nf4") and importlib.util.find_spec("bitsandbytes") is not None
@@ -64,22 +66,13 @@ def resolve_runtime(settings: TrainerSettings) -> Runtime:
     checkpointing = settings.gradient_checkpointing == "on" or (settings.gradient_checkpointing == "auto" and cuda)
     return Runtime(
         device=device,
+        dtype=dtype,
         # CPU bf16 = autocast over fp32 weights (AVX512-BF16 matmuls, fp32 master weights for AdamW)
-        dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
-        autocast=precision == "bf16" and not cuda,
+        autocast=dtype == torch.bfloat16 and not cuda,
         quantize=quantize,
         attn_implementation=attn,
         gradient_checkpointing=checkpointing,
     )
-
-
-def base_model_path(settings: TrainerSettings) -> Path:
-    """The configured policy model, or the local tiny set's policy when unset."""
-    if settings.policy_model:
-        return Path(settings.policy_model)
-    from shared.tiny_models import ensure_model_set
-
-    return ensure_model_set("tiny").policy
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -167,7 +160,7 @@ def load_policy(settings: TrainerSettings, runtime: Runtime | None = None, base_
     from peft import get_peft_model
 
     runtime = runtime or resolve_runtime(settings)
-    path = Path(base_path) if base_path else base_model_path(settings)
+    path = Path(base_path or settings.policy_path())
     tokenizer = load_tokenizer(path)
     base = load_base(path, runtime, settings.rope())
     torch.manual_seed(settings.seed)

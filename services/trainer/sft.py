@@ -38,18 +38,14 @@ from shared.tiny_models import STRUCTURE_TAGS
 log = logging.getLogger(__name__)
 
 # Paper 4.1: full-parameter SFT, one epoch, lr 1e-6 (LoRA SFT: a LoRA-sized lr).
-PAPER_DEFAULTS = {
-    "full": {"epochs": 1, "lr": 1e-6, "batch_size": 8, "section_tokens": 0, "tag_weight": 1.0, "target_tag_rate": 0.0, "max_rounds": 1, "query_generation_examples": 0},
-    "lora": {"epochs": 1, "lr": 1e-4, "batch_size": 8, "section_tokens": 0, "tag_weight": 1.0, "target_tag_rate": 0.0, "max_rounds": 1, "query_generation_examples": 0},
-}
+_PAPER = {"epochs": 1, "batch_size": 8, "section_tokens": 0, "tag_weight": 1.0, "target_tag_rate": 0.0, "max_rounds": 1, "query_generation_examples": 0}
+PAPER_DEFAULTS = {"full": {**_PAPER, "lr": 1e-6}, "lora": {**_PAPER, "lr": 1e-4}}
 # Models under SMALL_MODEL_PARAMS (the local tiny preset) need far more updates, and short sections:
 # such a model cannot write a coherent long document, so on full-length examples its greedy output loops
 # inside <answer> and never closes it; on sections cut to 16 tokens (closing tags kept) it learns the format.
 SMALL_MODEL_PARAMS = 10_000_000
-SMALL_MODEL_DEFAULTS = {
-    "full": {"epochs": 100, "lr": 1e-2, "batch_size": 4, "section_tokens": 16, "tag_weight": 5.0, "target_tag_rate": 0.9, "max_rounds": 3, "query_generation_examples": 4},
-    "lora": {"epochs": 100, "lr": 1e-2, "batch_size": 4, "section_tokens": 16, "tag_weight": 5.0, "target_tag_rate": 0.9, "max_rounds": 3, "query_generation_examples": 4},
-}
+_SMALL = {"epochs": 100, "lr": 1e-2, "batch_size": 4, "section_tokens": 16, "tag_weight": 5.0, "target_tag_rate": 0.9, "max_rounds": 3, "query_generation_examples": 4}
+SMALL_MODEL_DEFAULTS = {"full": _SMALL, "lora": _SMALL}  # the same for both modes
 
 
 @dataclass
@@ -121,7 +117,7 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
     schedule from ``lr`` to ``lr * min_lr_ratio``; later rounds continue at the final rate (a warm
     restart to the peak measurably undid the format on the tiny policy)."""
     from services.trainer.config import TrainerSettings
-    from services.trainer.model import base_model_path, load_base, load_tokenizer, lora_config, model_config, resolve_runtime
+    from services.trainer.model import load_base, load_tokenizer, lora_config, model_config, resolve_runtime
     from services.trainer.train import Encoder
 
     if opts.mode not in PAPER_DEFAULTS:
@@ -129,7 +125,7 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
     settings = TrainerSettings(**({"policy_model": opts.base} if opts.base else {}))
     check_rope(opts.run_id, opts.rope, settings.rope(), "SFT stage")  # one RoPE setting per run (paper 3.6)
     runtime = resolve_runtime(settings.model_copy(update={"quantization": "none"}))  # SFT trains full weights
-    base = base_model_path(settings)
+    base = settings.policy_path()
     tokenizer = load_tokenizer(base)
     model = load_base(base, runtime, settings.rope())  # YaRN only with rope_scope=inference_and_training
     small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS
@@ -224,13 +220,14 @@ class _SftStep:
         self.runtime, self.micro_batch_tokens = runtime, micro_batch_tokens
 
     def __call__(self, step: int, steps: int, batch: list[Any], lr: float, opts: SftOptions, warmup: bool) -> float:
-        from services.trainer.batching import cosine_lr, micro_batches
+        from services.trainer.batching import cosine_lr
         from services.trainer.model import response_token_logps
+        from shared.packing import token_budget_batches
 
         self.model.train()
         tokens = sum(seq.response_len for seq in batch)
         total = 0.0
-        for group in micro_batches([len(seq.ids) for seq in batch], self.micro_batch_tokens):
+        for group in token_budget_batches([len(seq.ids) for seq in batch], self.micro_batch_tokens):
             per_token, _, targets = response_token_logps(self.model, [batch[g] for g in group], self.pad_id, self.runtime)
             weights = torch.where(torch.isin(targets, self.tag_ids), self.tag_weight, 1.0)
             loss = -(weights * per_token).sum() / tokens

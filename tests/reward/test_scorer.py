@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.reward import metrics as M
-from services.reward.scorer import Scorer, token_batches
+from services.reward.scorer import Scorer
 from tests.fixtures.reward import model_settings
 
 
@@ -110,15 +110,3 @@ def test_identical_responses_tie_exactly_and_unparsed_are_none(reward_scorer):
     (metrics,) = reward_scorer.score([("q", [same, "", "<summary>x</summary> no answer", same, "<answer></answer>"])])
     assert metrics[1] is None and metrics[2] is None and metrics[4] is None
     assert metrics[0] == metrics[3]
-
-
-def test_token_batches_sort_pack_and_bound_padding():
-    lengths = [10, 100, 95, 12, 50, 11]
-    batches = token_batches(lengths, budget=220)
-    assert sorted(i for b in batches for i in b) == list(range(6))
-    for b in batches:
-        width = lengths[b[0]]
-        assert width == max(lengths[i] for i in b)
-        assert len(b) * width <= 220 or len(b) == 1
-        assert all(lengths[i] >= 0.875 * width for i in b)
-    assert [lengths[b[0]] for b in batches] == sorted((lengths[b[0]] for b in batches), reverse=True)

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from services.rollout.adapters import served_name, validate_adapter
 from services.rollout.bench import RandomLora
+from services.rollout.hot_swap import served_name, validate_adapter
 from shared.adapters import AdapterStore
 from shared.schemas import AdapterEvent
 

@@ -8,7 +8,7 @@ import httpx
 import openai
 import redis
 
-from services.rollout.adapters import AdapterManager
+from services.rollout.hot_swap import AdapterManager
 from services.rollout.registry import AdapterRegistry
 from shared.schemas import STREAM_ADAPTERS, AdapterEvent
 from shared.streams import publish

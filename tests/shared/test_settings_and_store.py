@@ -44,6 +44,36 @@ def test_general_model_is_a_base_model_and_falling_back_to_the_policy_warns_once
     assert len(warnings) == 1 and "GRACE_DEMO_GENERAL_MODEL" in warnings[0]
 
 
+def test_one_model_preset_for_every_service_and_the_old_names_still_work(tmp_path, monkeypatch, tiny_models):
+    from services.reward.config import RewardSettings
+    from services.rollout.config import RolloutSettings
+    from services.trainer.config import TrainerSettings
+
+    for key in ("GRACE_CONFIG", "GRACE_ROLLOUT_TINY_PRESET", "GRACE_REWARD_PRESET", "GRACE_TRAINER_POLICY_MODEL"):
+        monkeypatch.delenv(key, raising=False)
+    config = tmp_path / "grace.yaml"
+    config.write_text("common:\n  model_preset: small\n")
+    monkeypatch.setenv("GRACE_CONFIG", str(config))
+    # the bug this setting fixes: a `small` rollout trained adapters on the trainer's tiny base
+    assert {cls().model_preset for cls in (RolloutSettings, RewardSettings, TrainerSettings)} == {"small"}
+    config.write_text("rollout:\n  tiny_preset: small\n")
+    with pytest.warns(FutureWarning, match=r"tiny_preset \(GRACE_ROLLOUT_TINY_PRESET\) is deprecated"):
+        assert RolloutSettings().model_preset == "small"  # the old YAML key
+    monkeypatch.delenv("GRACE_CONFIG")
+    assert TrainerSettings().policy_path() == str(tiny_models.policy)  # unset: the local set's policy
+    assert TrainerSettings(policy_model="/models/p").policy_path() == "/models/p"
+    monkeypatch.setenv("GRACE_ROLLOUT_TINY_PRESET", "small")
+    monkeypatch.setenv("GRACE_REWARD_PRESET", "small")
+    with pytest.warns(FutureWarning, match="use model_preset"):
+        assert RolloutSettings().model_preset == RewardSettings().model_preset == "small"
+    with pytest.warns(FutureWarning, match=r"GRACE_REWARD_PRESET\) is deprecated: use model_preset \(GRACE_REWARD_MODEL"):
+        assert RolloutSettings(model_preset="tiny").model_preset == "tiny"  # the new name wins
+        assert RewardSettings(preset="tiny").model_preset == "tiny"  # the old argument too
+    monkeypatch.setenv("GRACE_REWARD_PRESET", "huge")
+    with pytest.raises(ValueError, match="model_preset"):
+        RewardSettings()
+
+
 def test_bad_yaml_names_the_file(tmp_path, monkeypatch):
     config = tmp_path / "bad.yaml"
     config.write_text("- a list\n")

@@ -14,7 +14,6 @@ from services.trainer import losses
 from services.trainer.batching import (
     cosine_lr,
     iteration_steps,
-    micro_batches,
     mismatched_partners,
     plan_batches,
     run_schedule,
@@ -237,19 +236,6 @@ def test_plan_batches_covers_each_sample_once_and_is_seeded():
     assert [len(b) for b in batches] == [8, 8, 3]
     assert batches == plan_batches(19, 8, seed=3) and batches != plan_batches(19, 8, seed=4)
     assert mismatched_partners([4, 9, 2]) == [2, 4, 9]
-
-
-def test_micro_batches_partition_within_budget():
-    lengths = [500, 120, 480, 130, 60, 900, 125, 61]
-    groups = micro_batches(lengths, max_tokens=1000)
-    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-    for group in groups:
-        longest = max(lengths[i] for i in group)
-        assert len(group) == 1 or len(group) * longest <= 1000
-        real = sum(lengths[i] for i in group)
-        assert len(group) * longest - real <= 0.1 * real
-    assert [5] in groups  # over half the budget: alone
-    assert any(len(g) > 1 for g in groups)  # short ones share a forward
 
 
 def test_cosine_schedule_warmup_peak_floor():

@@ -1,4 +1,4 @@
-"""The adapter manager: adapter events from Redis -> validated, versioned LoRA in vLLM -> `policy`.
+"""Adapter hot swap (the adapter manager): adapter events from Redis -> validated, versioned LoRA in vLLM -> `policy`.
 
 Each replica reads ``STREAM_ADAPTERS`` in its own consumer group
 (``rollout:<replica>``), so every replica sees every event (fan-out), and a
@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import redis
@@ -60,7 +61,7 @@ def served_name(event: AdapterEvent) -> str:
 
 @dataclass
 class Outcome:
-    status: str  # loaded | rejected | duplicate
+    status: Literal["loaded", "rejected", "duplicate"]
     reason: str | None = None
 
 
@@ -216,7 +217,7 @@ class AdapterManager:
         self._status(event, "rejected", reason)
         return Outcome("rejected", reason)
 
-    def _status(self, event: AdapterEvent, status: str, reason: str | None = None) -> None:
+    def _status(self, event: AdapterEvent, status: Literal["loaded", "rejected"], reason: str | None = None) -> None:
         publish(
             self.redis,
             STREAM_ADAPTERS,
