@@ -26,7 +26,7 @@ import redis
 from services.rollout.registry import AdapterRecord, AdapterRegistry
 from shared import heartbeats
 from shared.adapters import ADAPTER_FILES, AdapterStore, adapter_checksum, adapter_rank
-from shared.schemas import STREAM_ADAPTERS, AdapterEvent, AdapterStatus
+from shared.schemas import STREAM_ADAPTERS, AdapterEvent, AdapterStatus, decode_message
 from shared.streams import StreamConsumer, StreamEntry, prune_idle_groups, publish
 
 log = logging.getLogger(__name__)
@@ -112,9 +112,32 @@ class AdapterManager:
         while True:
             entries = self.receive(None)
             if not entries:
-                return total
+                break
             total += len(entries)
             self._handle(entries)
+        if self.registry.current.path is None and (newest := self.newest_event()) is not None:
+            # a replica restarted under its old name: its group had acked every event, so nothing above
+            # loaded the adapter it served before the restart
+            log.info("event=adapter_restored version=%s replica=%s", newest.version, self.replica)
+            self.handle(newest)
+        return total
+
+    def newest_event(self, page: int = 100) -> AdapterEvent | None:
+        """The last AdapterEvent on the stream (what ``policy`` means on every replica that has read it)."""
+        last = "+"
+        while True:
+            rows = self.redis.xrevrange(STREAM_ADAPTERS, max=last, count=page)
+            for entry_id, fields in rows:
+                try:
+                    payload = decode_message(fields)
+                except ValueError:
+                    continue
+                if isinstance(payload, AdapterEvent):
+                    return payload
+            if len(rows) < page:
+                return None
+            oldest = rows[-1][0].decode() if isinstance(rows[-1][0], bytes) else rows[-1][0]
+            last = f"({oldest}"
 
     def poll_once(self, block_ms: int | None = -1) -> list[Outcome]:
         """Waits up to ``block_ms`` (default: the configured poll) for entries and handles them."""

@@ -197,3 +197,22 @@ def test_a_new_replica_catches_up_to_the_newest_adapter_before_serving(rollout_s
     finally:
         manager.http.close()
         client.close()
+
+
+def test_a_replica_restarted_under_its_name_serves_the_newest_adapter_again(rollout_service, lora_factory, publish_adapter):
+    """Its consumer group acked every event before the restart: the newest adapter is restored from the stream."""
+    version = _unique("restart")
+    _swap(rollout_service, lora_factory, publish_adapter, version, 61)
+    client = redis.Redis.from_url(rollout_service.redis_url)
+    name = _unique("restarted-replica")
+    managers = [AdapterManager(client, AdapterRegistry("base"), rollout_service.vllm_url,
+                               adapter_root=rollout_service.adapter_root, replica=name, max_rank=16) for _ in range(2)]  # fmt: skip
+    try:
+        managers[0].catch_up()  # the replica before its restart: reads and acks everything
+        assert managers[0].registry.current.version == version
+        assert managers[1].catch_up() == 0  # after the restart: the same group, nothing left to read
+        assert managers[1].registry.current.version == version
+    finally:
+        for manager in managers:
+            manager.http.close()
+        client.close()
