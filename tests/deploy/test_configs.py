@@ -851,7 +851,7 @@ def test_healthcheck_redis_with_password(redis_with_password):
 
 DOCKERFILES = {"rollout": ROOT / "docker" / "gpu.Dockerfile", "reward": ROOT / "docker" / "gpu.Dockerfile",
                "judge": ROOT / "docker" / "cpu.Dockerfile"}  # fmt: skip
-OTHER_PORTS = {6379, 9000}  # Redis; the README's separate vLLM judge server (not a project service)
+OTHER_PORTS = {6379, 9000, 6006, 5000}  # Redis; the README's separate vLLM judge server; the TensorBoard and MLflow viewers
 _HOSTED_PORT = re.compile(r"(?:localhost|127\.0\.0\.1|0\.0\.0\.0|\brollout|\breward|\bjudge):(\d{2,5})\b")
 _SERVE_PORT = re.compile(r"grace serve (rollout|reward|judge)\b[^\n`]*?--port (\d+)")
 _URL_OPTION = re.compile(r"--(rollout|reward|judge)-url \S*?:(\d+)")

@@ -7,11 +7,21 @@ import threading
 import time
 
 import pytest
+import redis
 
 from services.orchestrator.progress import StageTimeout, wait_for_adapter
 from shared import heartbeats
 from shared.schemas import STREAM_ADAPTERS, AdapterStatus
 from shared.streams import publish
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    """A database of its own: rollout services of other suites beat into database 0 of the session Redis."""
+    client = redis.Redis.from_url(redis_url, db=7)
+    client.flushdb()
+    yield client
+    client.close()
 
 
 def _loaded(client, replica: str, version: str = "iter-0003", status: str = "loaded") -> None:

@@ -108,7 +108,7 @@ def test_without_a_cap_the_budget_is_the_window_minus_the_prompt(rollout_service
 
     async def probe() -> tuple:
         try:
-            raw = await worker.sampler.chat.completions.create(
+            raw = await worker.samplers[0].chat.completions.create(
                 model=settings.served_model_name, messages=[{"role": "user", "content": "a " * 3000}],
                 n=1, max_tokens=settings.max_tokens, temperature=0.0,
             )
