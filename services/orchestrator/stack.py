@@ -7,9 +7,8 @@ restarted (with backoff), and so is the embedded Redis, on the same folder
 (append-only file, fsync every second) and port; Ctrl-C or ``down()`` stops
 everything, process groups included, so no orphan stays behind.
 
-A restarted rollout service is a new replica (its vLLM holds no adapter), so
-it gets a new replica name: its new adapter consumer group replays the adapter
-stream from the start and it serves the newest ``policy`` before it is ready.
+A restarted rollout service keeps its replica name: its hot-swap manager
+restores the newest adapter from the stream before it reports ready.
 """
 
 from __future__ import annotations
@@ -165,8 +164,6 @@ class LocalStack:
                 count = self._count_restart(name, process.log_path, max_restarts, process.process.returncode)
                 time.sleep(min(30, 2 ** (count - 1)))
                 process.stop()
-                if _kind(name) == "rollout":  # a new replica: see the module docstring
-                    process.env["GRACE_ROLLOUT_REPLICA"] = f"{self.dir.name}-{name}-r{count}"
                 process.start()
                 restarted.append(name)
         return restarted

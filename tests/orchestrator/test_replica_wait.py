@@ -18,7 +18,7 @@ from shared.streams import publish
 @pytest.fixture
 def redis_client(redis_url):
     """A database of its own: rollout services of other suites beat into database 0 of the session Redis."""
-    client = redis.Redis.from_url(redis_url, db=7)
+    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/7")  # the URL's own /0 would win over db=
     client.flushdb()
     yield client
     client.close()
