@@ -47,6 +47,15 @@ class RedisEpoch:
         self.run_id = run_id
         return changed
 
+    def cursor(self, last: str, on_restart: Callable[[], None] | None) -> str:
+        """A wait's stream position: ``last``, or the start of the stream after a restart (``on_restart``
+        called first: the loop re-publishes what the restart lost)."""
+        if not self.restarted():
+            return last
+        if on_restart:
+            on_restart()
+        return "0-0"
+
 
 def _redis_down(exc: Exception, deadline: float, timeout: float, what: str) -> None:
     """Logs, waits ``RETRY_S``, or raises StageTimeout once the stage deadline has passed."""
@@ -91,10 +100,7 @@ def wait_for(
     last = "0-0"
     while True:
         try:
-            if epoch.restarted():
-                last = "0-0"
-                if on_restart:
-                    on_restart()
+            last = epoch.cursor(last, on_restart)
             payload, last = find_payload(client, stream, match, last)
             if payload is not None:
                 return payload
@@ -132,10 +138,7 @@ def wait_for_adapter(
     epoch = kw.get("epoch") or RedisEpoch(client)
     while True:
         try:
-            if epoch.restarted():
-                last = "0-0"
-                if on_restart:
-                    on_restart()
+            last = epoch.cursor(last, on_restart)
             while True:
                 status, last = find_payload(
                     client, STREAM_ADAPTERS, lambda p: isinstance(p, AdapterStatus) and p.run_id == run_id and p.version == version, last

@@ -13,8 +13,6 @@ from __future__ import annotations
 import math
 import random
 
-from shared.packing import token_budget_batches as micro_batches  # noqa: F401 - train.py packs by this name
-
 
 def plan_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
     """A seeded random permutation of range(n) cut into batches (the last may be short)."""

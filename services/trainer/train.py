@@ -32,9 +32,10 @@ import torch
 import torch.distributed as dist
 
 from services.trainer import losses
-from services.trainer.batching import cosine_lr, micro_batches, mismatched_partners, plan_batches
+from services.trainer.batching import cosine_lr, mismatched_partners, plan_batches
 from services.trainer.config import TrainerSettings
 from services.trainer.model import Runtime, Sequence, response_token_logps, sequence_logps
+from shared.packing import token_budget_batches as micro_batches
 from shared.prompts import chat_messages
 from shared.schemas import WeightedSample
 
