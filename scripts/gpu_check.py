@@ -6,7 +6,12 @@ Checks:
 - ``qlora_nf4``: one GRACE-KTO step on the tiny policy loaded in 4-bit nf4 (bitsandbytes), LoRA on top;
 - ``deepspeed_zero2``: one GRACE-KTO step under DeepSpeed ZeRO-2 (one rank, the trainer's own config file);
 - ``reward_bf16``: the reward metrics on CUDA in bf16 against CPU fp32 on the same responses, within
-  ``TOLERANCE`` (L and E exact; perplexities relative; relevance absolute).
+  ``TOLERANCE`` (L and E exact; perplexities relative; relevance absolute);
+- ``losses_0p5b``: one epoch of GRACE-KTO, KTO, DPO and GRPO (same samples, bf16, LoRA r=64, the trainer's
+  token budget) on a randomly initialised Qwen2-0.5B-shaped policy: tokens/s and peak CUDA memory each,
+  and GRACE-KTO again on the same base in 4-bit nf4 (QLoRA);
+- ``long_context``: one GRACE-KTO step on a single 32k-token sample of that policy with YaRN (factor 4 over
+  an 8k native window, rope_scope=inference_and_training) and gradient checkpointing: peak memory and time.
 
 The last stdout line is the report as JSON; ``--out DIR`` also writes it to ``DIR/gpu-check.json``.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import platform
 import random
@@ -80,6 +86,103 @@ def check_zero2(models) -> dict:
     return {"status": "ok", **_train_step(models, deepspeed=str(zero2), quantization="none", precision="bf16")}
 
 
+# Qwen2-0.5B's shape (config.json of Qwen/Qwen2-0.5B); random weights: speed and memory depend on the shape only
+QWEN2_0P5B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+              "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 8192, "rope_theta": 1e6,
+              "tie_word_embeddings": True, "rms_norm_eps": 1e-6}  # fmt: skip
+
+
+BUILD_DEVICE = "cuda"
+
+
+def _qwen2_0p5b(models, folder: Path) -> Path:
+    """A Qwen2-0.5B-shaped policy with random bf16 weights and the tiny set's tokenizer (ids < its vocab)."""
+    import shutil
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        with torch.device(BUILD_DEVICE):
+            model = Qwen2ForCausalLM(Qwen2Config(**QWEN2_0P5B)).to(torch.bfloat16)
+        model.save_pretrained(folder)
+        for item in Path(models.tokenizer).iterdir():
+            if item.is_file():
+                shutil.copy(item, folder / item.name)
+        del model
+        torch.cuda.empty_cache()
+    return folder
+
+
+def _epoch(path: Path, samples, loss: str, **overrides) -> dict:
+    from services.trainer.config import TrainerSettings
+    from services.trainer.model import load_policy
+    from services.trainer.train import Trainer
+
+    settings = TrainerSettings(**{"policy_model": str(path), "lora_rank": 64, "lora_alpha": 128, "batch_size": 8, "epochs": 1,
+                                  "precision": "bf16", "num_threads": None, **overrides})  # fmt: skip
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model, tokenizer, runtime = load_policy(settings)
+    loaded = torch.cuda.max_memory_allocated()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    result = Trainer(model, tokenizer, settings, runtime, loss=loss).train(samples)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    assert all(math.isfinite(row["loss"]) for row in result.metrics), result.metrics
+    out = {"steps": result.steps, "tokens": result.tokens, "seconds": round(seconds, 2),
+           "tokens_per_s": round(result.tokens / seconds), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+           "model_gib": round(loaded / 2**30, 2), "attn": runtime.attn_implementation,
+           "checkpointing": runtime.gradient_checkpointing,
+           "rope": (getattr(model.config, "rope_parameters", None) or {}).get("rope_type", "default")}  # fmt: skip
+    del model, result
+    return out
+
+
+def check_losses(models) -> dict:
+    if not torch.cuda.is_available():
+        return {"status": "skipped", "reason": "CUDA not available (a 0.5B policy step is GPU work)"}
+    from services.trainer.bench import BenchOptions, make_samples
+    from services.trainer.model import load_tokenizer
+    from shared.schemas import WeightedSample
+
+    path = _qwen2_0p5b(models, Path("/tmp/gpu-check-qwen2-0p5b"))
+    opts = BenchOptions(samples=32, min_tokens=256, max_tokens=2048)
+    samples = [WeightedSample(**row) for row in make_samples(load_tokenizer(path), opts)]
+    runs = {loss: _epoch(path, samples, loss, micro_batch_tokens=16384) for loss in ("grace_kto", "kto", "dpo", "grpo")}
+    runs["grace_kto_nf4"] = _epoch(path, samples, "grace_kto", micro_batch_tokens=16384, quantization="nf4")
+    grace = runs["grace_kto"]
+    return {"status": "ok", "model": "Qwen2-0.5B shape, random bf16", "samples": len(samples),
+            "response_tokens": [opts.min_tokens, opts.max_tokens], "runs": runs,
+            "grpo_speedup": round(runs["grpo"]["seconds"] / grace["seconds"], 3),
+            "grpo_memory_ratio": round(grace["peak_gib"] / runs["grpo"]["peak_gib"], 3),
+            "dpo_memory_ratio": round(grace["peak_gib"] / runs["dpo"]["peak_gib"], 3),
+            "nf4_memory_ratio": round(runs["grace_kto_nf4"]["peak_gib"] / grace["peak_gib"], 3)}  # fmt: skip
+
+
+def check_long_context(models) -> dict:
+    if not torch.cuda.is_available():
+        return {"status": "skipped", "reason": "CUDA not available (a 32k-token step is GPU work)"}
+    from services.trainer.model import load_tokenizer
+    from shared.schemas import WeightedSample
+
+    path = _qwen2_0p5b(models, Path("/tmp/gpu-check-qwen2-0p5b"))
+    tokenizer = load_tokenizer(path)
+    corpus = (ROOT / "data" / "sft.jsonl").read_text(encoding="utf-8")
+    ids = tokenizer(corpus, add_special_tokens=False)["input_ids"]
+    target = 32000
+    body = tokenizer.decode((ids * (target // len(ids) + 1))[:target], skip_special_tokens=True)
+    samples = [WeightedSample(run_id="gpu-check", iteration=0, sample_id=f"long:{i}", group_id="long", response_index=i,
+                              query="Write the full report.", response=f"<summary>s</summary><outline>o</outline><answer>{body}</answer>",
+                              weight=w, label="desirable" if w >= 0 else "undesirable", parsed=True)
+               for i, w in enumerate((1.0, -1.0))]  # fmt: skip
+    run = _epoch(path, samples, "grace_kto", batch_size=2, max_length=32768, micro_batch_tokens=32768,
+                 yarn_factor=4.0, native_window=8192, rope_scope="inference_and_training", gradient_checkpointing="on")  # fmt: skip
+    return {"status": "ok", "model": "Qwen2-0.5B shape, random bf16", "yarn": "factor 4 x 8192 native",
+            "tokens_per_sample": run["tokens"] // 2, **run}  # fmt: skip
+
+
 def check_reward(models) -> dict:
     from services.reward.config import RewardSettings
     from services.reward.scorer import Scorer
@@ -111,7 +214,7 @@ def check_reward(models) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="folder for gpu-check.json")
-    parser.add_argument("--checks", default="qlora_nf4,deepspeed_zero2,reward_bf16")
+    parser.add_argument("--checks", default="qlora_nf4,deepspeed_zero2,reward_bf16,losses_0p5b,long_context")
     args = parser.parse_args()
     from shared.tiny_models import ensure_model_set
 
@@ -122,7 +225,8 @@ def main() -> int:
         "packages": {p: importlib.util.find_spec(p) is not None for p in ("bitsandbytes", "deepspeed", "flash_attn", "peft")},
         "checks": {},
     }  # fmt: skip
-    checks = {"qlora_nf4": check_qlora, "deepspeed_zero2": check_zero2, "reward_bf16": check_reward}
+    checks = {"qlora_nf4": check_qlora, "deepspeed_zero2": check_zero2, "reward_bf16": check_reward,
+              "losses_0p5b": check_losses, "long_context": check_long_context}  # fmt: skip
     for name in args.checks.split(","):
         started = time.perf_counter()
         try:
