@@ -152,14 +152,7 @@ def check_losses(models) -> dict:
     samples = [WeightedSample(**row) for row in make_samples(load_tokenizer(path), opts)]
     runs = {loss: _epoch(path, samples, loss, micro_batch_tokens=16384) for loss in ("grace_kto", "kto", "dpo", "grpo")}
     runs["grace_kto_nf4"] = _epoch(path, samples, "grace_kto", micro_batch_tokens=16384, quantization="nf4")
-    import transformers.integrations.sdpa_attention as sdpa_module
-
-    original_gqa = sdpa_module.use_gqa_in_sdpa
-    sdpa_module.use_gqa_in_sdpa = lambda *a, **k: False
-    try:
-        runs["grace_kto_repeat_kv"] = _epoch(path, samples, "grace_kto", micro_batch_tokens=16384)
-    finally:
-        sdpa_module.use_gqa_in_sdpa = original_gqa
+    runs["grace_kto_sdpa"] = _epoch(path, samples, "grace_kto", micro_batch_tokens=16384, attn_implementation="sdpa")
     grace = runs["grace_kto"]
     return {"status": "ok", "model": "Qwen2-0.5B shape, random bf16", "samples": len(samples),
             "response_tokens": [opts.min_tokens, opts.max_tokens], "runs": runs,
@@ -185,86 +178,64 @@ def check_long_context(models) -> dict:
                               query="Write the full report.", response=f"<summary>s</summary><outline>o</outline><answer>{body}</answer>",
                               weight=w, label="desirable" if w >= 0 else "undesirable", parsed=True)
                for i, w in enumerate((1.0, -1.0))]  # fmt: skip
-    import transformers.integrations.sdpa_attention as sdpa_module
-
-    original_gqa = sdpa_module.use_gqa_in_sdpa
-    runs = {}
-    for name, gqa in (("repeat_kv", False), ("enable_gqa", True)):
-        sdpa_module.use_gqa_in_sdpa = lambda *a, gqa=gqa, **k: gqa and original_gqa(*a, **k)
-        try:
-            runs[name] = _epoch(path, samples, "grace_kto", batch_size=2, max_length=32768, micro_batch_tokens=32768,
-                                yarn_factor=4.0, native_window=8192, rope_scope="inference_and_training",
-                                gradient_checkpointing="on")  # fmt: skip
-        except Exception as exc:  # noqa: BLE001 - an out-of-memory here is the finding
-            runs[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-            torch.cuda.empty_cache()
-        finally:
-            sdpa_module.use_gqa_in_sdpa = original_gqa
-    return {"status": "ok" if "error" not in runs["repeat_kv"] else "failed", "model": "Qwen2-0.5B shape, random bf16",
-            "yarn": "factor 4 x 8192 native", "tokens_per_sample": runs["repeat_kv"].get("tokens", 0) // 2, "runs": runs}  # fmt: skip
+    run = _epoch(path, samples, "grace_kto", batch_size=2, max_length=32768, micro_batch_tokens=32768,
+                 yarn_factor=4.0, native_window=8192, rope_scope="inference_and_training", gradient_checkpointing="on")  # fmt: skip
+    return {"status": "ok", "model": "Qwen2-0.5B shape, random bf16", "yarn": "factor 4 x 8192 native",
+            "tokens_per_sample": run["tokens"] // 2, **run}  # fmt: skip
 
 
 def check_attention(models) -> dict:
-    """Which SDPA kernel the trainer's policy gets on CUDA: the arguments of its attention calls, then one
-    forward+backward of an 8k-token sequence with each backend allowed alone, and with transformers' GQA
-    path (``enable_gqa``) swapped for repeated K/V heads."""
+    """Which SDPA kernel the trainer's policy reaches on CUDA: the arguments of its first attention call,
+    then one forward+backward of an 8k-token sequence with each backend allowed alone, under transformers'
+    ``sdpa`` and under the trainer's default without flash-attn, ``grace_fused_sdpa``."""
     if not torch.cuda.is_available():
         return {"status": "skipped", "reason": "CUDA not available"}
-    import warnings
-
     import torch.nn.functional as F
-    import transformers.integrations.sdpa_attention as sdpa_module
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from services.trainer.config import TrainerSettings
-    from services.trainer.model import Sequence, load_policy, sequence_logps
+    from services.trainer.model import FUSED_SDPA, Sequence, load_policy, sequence_logps
 
     path = _qwen2_0p5b(models, Path("/tmp/gpu-check-qwen2-0p5b"))
-    settings = TrainerSettings(policy_model=str(path), lora_rank=64, lora_alpha=128, precision="bf16", num_threads=None)
-    model, tokenizer, runtime = load_policy(settings)
-    seen: list[dict] = []
+    sequences = [Sequence(ids=[10 + i % 3000 for i in range(8192)], prompt_len=16)]
     original = F.scaled_dot_product_attention
-
-    def recording(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if len(seen) < 1:
-            seen.append({"q": [str(q.dtype), list(q.shape)], "k": [str(k.dtype), list(k.shape)], "mask": attn_mask is not None,
-                         "is_causal": is_causal, "enable_gqa": enable_gqa, "contiguous": [q.is_contiguous(), k.is_contiguous()]})  # fmt: skip
-        return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-
-    ids = list(range(10, 10 + 8192))
-    sequences = [Sequence(ids=[i % 3000 + 10 for i in ids], prompt_len=16)]
     results: dict[str, dict] = {}
+    for attn in ("sdpa", FUSED_SDPA):
+        settings = TrainerSettings(policy_model=str(path), lora_rank=64, lora_alpha=128, precision="bf16",
+                                   attn_implementation=attn, num_threads=None)  # fmt: skip
+        model, tokenizer, runtime = load_policy(settings)
+        seen: list[dict] = []
 
-    def step(name: str, backends, gqa: bool = True) -> None:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        sdpa_module.use_gqa_in_sdpa = (lambda *a, **k: gqa and original_gqa(*a, **k))
-        try:
-            with warnings.catch_warnings(record=True) as caught, sdpa_kernel(backends):
-                warnings.simplefilter("always")
-                torch.cuda.synchronize()
-                started = time.perf_counter()
-                sequence_logps(model, sequences, tokenizer.pad_token_id or 0, runtime).sum().backward()
-                torch.cuda.synchronize()
-            results[name] = {"ok": True, "seconds": round(time.perf_counter() - started, 3),
-                             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                             "warnings": sorted({str(w.message)[:300] for w in caught})[:4]}  # fmt: skip
-        except Exception as exc:  # noqa: BLE001 - the reason a backend cannot run is the finding
-            results[name] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:600]}"}
-        model.zero_grad(set_to_none=True)
+        def recording(q, k, v, *args, seen=seen, **kwargs):
+            if not seen:
+                seen.append({"q": [str(q.dtype), list(q.shape)], "k": [str(k.dtype), list(k.shape)], "v": str(v.dtype),
+                             "mask": kwargs.get("attn_mask") is not None, "enable_gqa": kwargs.get("enable_gqa", False)})  # fmt: skip
+            return original(q, k, v, *args, **kwargs)
 
-    original_gqa = sdpa_module.use_gqa_in_sdpa
-    F.scaled_dot_product_attention = recording
-    try:
-        step("default", [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH])
-    finally:
-        F.scaled_dot_product_attention = original
-    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-                          ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)):  # fmt: skip
-        step(name, [backend])
-        step(f"{name}_repeat_kv", [backend], gqa=False)
-    sdpa_module.use_gqa_in_sdpa = original_gqa
-    return {"status": "ok", "tokens": 8192, "first_call": seen, "runs": results}
+        results[attn] = {"first_call": seen}
+        for name, backends in (("any", [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                        SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]),
+                               ("flash", [SDPBackend.FLASH_ATTENTION]), ("efficient", [SDPBackend.EFFICIENT_ATTENTION]),
+                               ("cudnn", [SDPBackend.CUDNN_ATTENTION]), ("math", [SDPBackend.MATH])):  # fmt: skip
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            F.scaled_dot_product_attention = recording
+            try:
+                with sdpa_kernel(backends):
+                    torch.cuda.synchronize()
+                    started = time.perf_counter()
+                    sequence_logps(model, sequences, tokenizer.pad_token_id or 0, runtime).sum().backward()
+                    torch.cuda.synchronize()
+                results[attn][name] = {"seconds": round(time.perf_counter() - started, 3),
+                                       "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - the reason a backend cannot run is the finding
+                results[attn][name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            finally:
+                F.scaled_dot_product_attention = original
+            model.zero_grad(set_to_none=True)
+        del model
+    fused = results[FUSED_SDPA]["any"]
+    return {"status": "ok" if "error" not in fused else "failed", "tokens": 8192, "runs": results}
 
 
 def check_reward(models) -> dict:
@@ -295,6 +266,15 @@ def check_reward(models) -> dict:
             "tolerance": TOLERANCE, "failed": failed, "seconds": round(seconds, 2)}  # fmt: skip
 
 
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="folder for gpu-check.json")
@@ -306,7 +286,7 @@ def main() -> int:
     report: dict = {
         "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "packages": {p: importlib.util.find_spec(p) is not None for p in ("bitsandbytes", "deepspeed", "flash_attn", "peft")},
+        "packages": {p: _version(p) for p in ("transformers", "peft", "bitsandbytes", "deepspeed", "flash_attn")},
         "checks": {},
     }  # fmt: skip
     checks = {"qlora_nf4": check_qlora, "deepspeed_zero2": check_zero2, "reward_bf16": check_reward,

@@ -77,7 +77,9 @@ class TrainerSettings(ServiceSettings):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 on CUDA, fp32 on CPU (bf16 autocast on CPU is measured by `grace bench trainer`)"
     )
-    attn_implementation: str = Field("auto", description="auto: flash_attention_2 when importable on CUDA, else sdpa")
+    attn_implementation: str = Field(
+        "auto", description="auto: on CUDA flash_attention_2 when importable, else grace_fused_sdpa (SDPA's fused kernels); sdpa on CPU",
+    )
     gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", description="auto: on with CUDA, off on CPU")
     # yarn_factor, native_window, rope_scope (ServiceSettings, ``common:``): YaRN is applied at load only with
     # rope_scope=inference_and_training; the default (paper 3.6) trains with the model's native RoPE
