@@ -238,6 +238,37 @@ def check_attention(models) -> dict:
     return {"status": "ok" if "error" not in fused else "failed", "tokens": 8192, "runs": results}
 
 
+def check_profile(models) -> dict:
+    """Where a GRACE-KTO epoch on the 0.5B-shaped policy spends its time: torch.profiler's top operators by
+    CUDA time and by CPU time (the second epoch; the first warms up)."""
+    if not torch.cuda.is_available():
+        return {"status": "skipped", "reason": "CUDA not available"}
+    from torch.profiler import ProfilerActivity, profile
+
+    from services.trainer.bench import BenchOptions, make_samples
+    from services.trainer.config import TrainerSettings
+    from services.trainer.model import load_policy, load_tokenizer
+    from services.trainer.train import Trainer
+    from shared.schemas import WeightedSample
+
+    path = _qwen2_0p5b(models, Path("/tmp/gpu-check-qwen2-0p5b"))
+    samples = [WeightedSample(**row) for row in make_samples(load_tokenizer(path), BenchOptions(samples=16, min_tokens=256, max_tokens=2048))]
+    settings = TrainerSettings(policy_model=str(path), lora_rank=64, lora_alpha=128, batch_size=8, precision="bf16",
+                               micro_batch_tokens=16384, num_threads=None)  # fmt: skip
+    model, tokenizer, runtime = load_policy(settings)
+    Trainer(model, tokenizer, settings, runtime).train(samples)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
+        result = Trainer(model, tokenizer, settings, runtime).train(samples)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+    table = prof.key_averages()
+    cuda_total = sum(e.self_device_time_total for e in table) / 1e6
+    return {"status": "ok", "tokens": result.tokens, "seconds": round(seconds, 2), "cuda_busy_s": round(cuda_total, 2),
+            "by_cuda": table.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=50),
+            "by_cpu": table.table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=50)}  # fmt: skip
+
+
 def check_reward(models) -> dict:
     from services.reward.config import RewardSettings
     from services.reward.scorer import Scorer
@@ -290,7 +321,8 @@ def main() -> int:
         "checks": {},
     }  # fmt: skip
     checks = {"qlora_nf4": check_qlora, "deepspeed_zero2": check_zero2, "reward_bf16": check_reward,
-              "losses_0p5b": check_losses, "long_context": check_long_context, "attention": check_attention}  # fmt: skip
+              "losses_0p5b": check_losses, "long_context": check_long_context, "attention": check_attention,
+              "profile": check_profile}  # fmt: skip
     for name in args.checks.split(","):
         started = time.perf_counter()
         try:
