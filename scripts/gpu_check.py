@@ -120,7 +120,7 @@ def _epoch(path: Path, samples, loss: str, **overrides) -> dict:
     from services.trainer.train import Trainer
 
     settings = TrainerSettings(**{"policy_model": str(path), "lora_rank": 64, "lora_alpha": 128, "batch_size": 8, "epochs": 1,
-                                  "precision": "bf16", "num_threads": None, **overrides})  # fmt: skip
+                                  "precision": "bf16", "quantization": "none", "num_threads": None, **overrides})  # fmt: skip
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model, tokenizer, runtime = load_policy(settings)
@@ -253,6 +253,7 @@ def check_profile(models) -> dict:
 
     path = _qwen2_0p5b(models, Path("/tmp/gpu-check-qwen2-0p5b"))
     samples = [WeightedSample(**row) for row in make_samples(load_tokenizer(path), BenchOptions(samples=16, min_tokens=256, max_tokens=2048))]
+    # quantization "auto": QLoRA nf4 on CUDA with bitsandbytes, the trainer's default there
     settings = TrainerSettings(policy_model=str(path), lora_rank=64, lora_alpha=128, batch_size=8, precision="bf16",
                                micro_batch_tokens=16384, num_threads=None)  # fmt: skip
     model, tokenizer, runtime = load_policy(settings)
