@@ -47,8 +47,8 @@ def create_app(settings: JudgeSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
-    authorized = [Depends(bearer_key(settings.server_api_key_value()))]
-    errors = error_responses(400, *([401] if settings.server_api_key_value() else []), 413, 422)
+    authorized = [Depends(bearer_key(settings.api_key_value()))]
+    errors = error_responses(400, *([401] if settings.api_key_value() else []), 413, 422)
     too_long = {"maxLength": settings.max_input_chars}
     texts = {
         "JudgeRequest": ("instruction", "response", "reference"),

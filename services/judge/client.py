@@ -83,7 +83,7 @@ class JudgeClient:
         self.settings = settings
         self._openai = AsyncOpenAI(
             base_url=settings.base_url,
-            api_key=settings.backend_api_key(),
+            api_key=settings.backend_api_key_value(),
             timeout=settings.timeout_s,
             max_retries=settings.max_retries,
         )

@@ -2,29 +2,21 @@
 
 The backend is any OpenAI-compatible chat endpoint: GPT-4o as in the paper
 (``GRACE_JUDGE_BASE_URL=https://api.openai.com/v1``, ``GRACE_JUDGE_MODEL=gpt-4o``,
-``GRACE_JUDGE_API_KEY=sk-...``) or a vLLM server (the project's rollout
+``GRACE_JUDGE_BACKEND_API_KEY=sk-...``) or a vLLM server (the project's rollout
 service or a dedicated judge model).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+import logging
+import warnings
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings
+from pydantic import Field, SecretStr, model_validator
 
 from shared.settings import ServiceSettings, YamlSectionSource, service_config
 
-
-class JudgeYamlSource(YamlSectionSource):
-    """The YAML source with one addition: ``common.api_key`` (the key every service's API requires)
-    also protects the judge's API (``server_api_key``). It stays the backend key too unless
-    ``judge.api_key`` names another, which is right for the default backend, the rollout service."""
-
-    def __init__(self, settings_cls: type[BaseSettings]):
-        super().__init__(settings_cls, "judge")
-        if "api_key" in self.common:
-            self.values.setdefault("server_api_key", self.common["api_key"])
+log = logging.getLogger(__name__)
 
 
 class JudgeSettings(ServiceSettings):
@@ -35,12 +27,12 @@ class JudgeSettings(ServiceSettings):
     port: int = Field(8200, description="port of `grace serve judge`")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="largest request body accepted (413 above)")
 
-    # Backend. `api_key` here is the *backend's* key (GRACE_JUDGE_API_KEY, e.g. an OpenAI key);
-    # the key that protects this service's own HTTP API is `server_api_key`.
+    # Two keys: `backend_api_key` is the backend's (e.g. an OpenAI key); `api_key`, as on every service, is the one
+    # /v1/judge requires: `server_api_key`, else `common: api_key` (also the default backend key: the rollout's).
     base_url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible base URL of the judge model")
     model: str = Field("policy", description="judge model name at the backend (gpt-4o in the paper)")
-    api_key: SecretStr | None = Field(None, description="backend API key (GRACE_JUDGE_API_KEY); unset = 'EMPTY'")
-    server_api_key: SecretStr | None = Field(None, description="bearer key required by /v1/judge (unset = open)")
+    backend_api_key: SecretStr | None = Field(None, description="backend API key (unset = common api_key, else 'EMPTY')")
+    server_api_key: SecretStr | None = Field(None, description="bearer key required by /v1/judge (unset = common api_key)")
 
     structured_output: Literal["json_schema", "json_object", "none"] = Field(
         "json_schema",
@@ -75,16 +67,23 @@ class JudgeSettings(ServiceSettings):
     max_input_chars: int = Field(400_000, ge=1, description="longest instruction or response accepted (422 above)")
     max_batch_items: int = Field(256, ge=1, description="largest /v1/judge/batch (422 above)")
 
+    @model_validator(mode="before")
     @classmethod
-    def yaml_source(cls, settings_cls: type[BaseSettings]) -> YamlSectionSource:
-        return JudgeYamlSource(settings_cls)
+    def _split_keys(cls, data: Any) -> Any:
+        """GRACE_JUDGE_API_KEY, `judge: api_key`, `api_key=`: the backend's key, deprecated (`backend_api_key` wins)."""
+        if not isinstance(data, dict):
+            return data
+        common = backend = YamlSectionSource(cls, "common").common.get("api_key")  # not an old name: see above
+        if (old := data.pop("api_key", None)) is not None and old != common:
+            ignored = " (ignored: backend_api_key is set)" if data.get("backend_api_key") is not None else ""
+            message = "GRACE_JUDGE_API_KEY / `judge: api_key` (the backend's key) is deprecated: use "
+            message += f"GRACE_JUDGE_BACKEND_API_KEY / `judge: backend_api_key`{ignored}"
+            warnings.warn(message, DeprecationWarning, stacklevel=2)
+            log.warning("event=judge_deprecated_setting detail=%s", message)
+            backend = old
+        data["backend_api_key"] = backend if data.get("backend_api_key") is None else data["backend_api_key"]
+        data["api_key"] = data["server_api_key"] = common if data.get("server_api_key") is None else data["server_api_key"]
+        return data
 
-    def backend_api_key(self) -> str:
-        return self.api_key.get_secret_value() if self.api_key else "EMPTY"
-
-    def server_api_key_value(self) -> str | None:
-        return self.server_api_key.get_secret_value() if self.server_api_key else None
-
-    def api_key_value(self) -> str | None:
-        """The key *this* service requires (the base class's meaning), never the backend's key."""
-        return self.server_api_key_value()
+    def backend_api_key_value(self) -> str:
+        return self.backend_api_key.get_secret_value() if self.backend_api_key else "EMPTY"

@@ -211,7 +211,7 @@ def test_cache_hits_show_in_the_answer_and_in_health(scripted_backend, backend, 
 
 
 def test_bearer_key_is_enforced_when_configured(scripted_backend):
-    settings = JudgeSettings(base_url=scripted_backend.url, model="judge", server_api_key="s3cret", api_key="backend-key")
+    settings = JudgeSettings(base_url=scripted_backend.url, model="judge", server_api_key="s3cret", backend_api_key="backend-key")
     with serve_in_thread(create_app(settings)) as url:
         missing = httpx.post(f"{url}/v1/judge", json=ITEM, timeout=30)
         assert missing.status_code == 401 and _error(missing)["type"] == "authentication_error"
