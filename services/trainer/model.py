@@ -354,14 +354,14 @@ def response_token_logps(
     for row, seq in enumerate(sequences):
         input_ids[row, : len(seq.ids)] = torch.tensor(seq.ids, dtype=torch.long)
         target_mask[row, seq.prompt_len - 1 : len(seq.ids) - 1] = True  # position t predicts token t+1
-    input_ids = input_ids.to(runtime.device)
-    target_mask = target_mask.to(runtime.device)
+    # positions as indices built here on the CPU: a boolean mask on the device would synchronise (nonzero)
+    row_cpu, column = target_mask.nonzero(as_tuple=True)
+    targets = input_ids[row_cpu, column + 1].to(runtime.device)
+    rows, positions = row_cpu.to(runtime.device), (row_cpu * width + column).to(runtime.device)
     with runtime.autocast_context():
-        hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state
-        selected = hidden[:, :-1][target_mask]
-        targets = input_ids[:, 1:][target_mask]
+        hidden = backbone(input_ids=input_ids.to(runtime.device), use_cache=False).last_hidden_state
+        selected = hidden.flatten(0, 1).index_select(0, positions)
         per_token = token_logps(selected, head, targets)
-    rows = torch.arange(len(sequences), device=runtime.device)[:, None].expand_as(target_mask)[target_mask]
     return per_token, rows, targets
 
 
