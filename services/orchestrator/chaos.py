@@ -28,6 +28,8 @@ from pathlib import Path
 
 import typer
 
+from shared.cli_options import from_options, opt
+
 log = logging.getLogger(__name__)
 
 FAULT_KINDS = ("rollout", "reward", "trainer", "redis")
@@ -145,12 +147,12 @@ class FaultInjector:
 
 @dataclass
 class ChaosOptions:
-    out_dir: Path
-    iterations: int = 3
-    queries: int = 2  # K
-    responses: int = 2  # m
-    seed: int = 0
-    stage_timeout_s: float = 900.0
+    iterations: int = opt(3, "iterations of each run (the baseline and the chaos run)")
+    queries: int = opt(2, "K: queries per iteration")
+    responses: int = opt(2, "m: responses per query")
+    seed: int = opt(0, "seed of the fault schedule and of the runs")
+    out_dir: Path = opt(Path("runs/bench/chaos"), "stack, runs, adapters and chaos.json go here")
+    stage_timeout_s: float = opt(900.0, cli=False)
 
 
 def _run_class():
@@ -288,17 +290,12 @@ def run_chaos(options: ChaosOptions) -> dict:
     return result
 
 
-def bench(
-    iterations: int = typer.Option(3, help="iterations of each run (the baseline and the chaos run)"),
-    queries: int = typer.Option(2, help="K: queries per iteration"),
-    responses: int = typer.Option(2, help="m: responses per query"),
-    seed: int = typer.Option(0, help="seed of the fault schedule and of the runs"),
-    out_dir: Path = typer.Option(Path("runs/bench/chaos"), help="stack, runs, adapters and chaos.json go here"),
-) -> None:
+@from_options(ChaosOptions)
+def bench(options: ChaosOptions) -> None:
     """SIGKILL rollout (vLLM included), reward, trainer and Redis during a run on the tiny stack; last line JSON."""
-    if iterations < 1 or queries < 1 or responses < 2:
+    if options.iterations < 1 or options.queries < 1 or options.responses < 2:
         raise typer.BadParameter("need --iterations >= 1, --queries >= 1 and --responses >= 2 (a group needs two)")
-    result = run_chaos(ChaosOptions(out_dir=out_dir, iterations=iterations, queries=queries, responses=responses, seed=seed))
+    result = run_chaos(options)
     typer.echo(json.dumps(result))
-    if result["lost"] or result["duplicated"] or result["iterations_completed"] < iterations:
+    if result["lost"] or result["duplicated"] or result["iterations_completed"] < options.iterations:
         raise typer.Exit(1)

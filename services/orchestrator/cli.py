@@ -8,11 +8,8 @@ from typing import Optional
 
 import typer
 
-REPORT_TO_HELP = (
-    "also record trainer steps, iteration records and evaluation tables in: none, all, or a comma-separated "
-    "list of tensorboard, mlflow, wandb (files under the run folder's tracking/; MLflow local unless "
-    "MLFLOW_TRACKING_URI is set, W&B offline unless WANDB_MODE is set)"
-)
+from services.orchestrator.options import REPORT_TO_HELP, DemoOptions, ExperimentOptions
+from shared.cli_options import from_options
 
 
 def report_to_option(value: str) -> tuple[str, ...]:
@@ -97,19 +94,12 @@ def run(
     SemiOnlineRun(options, info).run()
 
 
-def demo(
-    work_dir: Path = typer.Option(Path("runs/demo"), help="models, SFT policy, stack and runs go here"),
-    run_id: Optional[str] = typer.Option(None, help="continue this run id (default: a new one)"),
-    iterations: int = typer.Option(3),
-    queries: int = typer.Option(8, "--queries", "-k", help="new queries per iteration (K)"),
-    responses: int = typer.Option(8, "--responses", "-m", help="responses per query (m; paper: 8)"),
-    loss: str = typer.Option("grace_kto"),
-) -> None:
+@from_options(DemoOptions)
+def demo(options: DemoOptions) -> None:
     """The whole loop on the tiny local models: SFT, stack, 3 iterations, report."""
-    from services.orchestrator.demo import DemoOptions, run_demo
+    from services.orchestrator.demo import run_demo
 
-    run_demo(DemoOptions(work_dir=work_dir, run_id=run_id, iterations=iterations, queries=queries,
-                         responses=responses, loss=loss))  # fmt: skip
+    run_demo(options)
 
 
 def rollout_iteration(
@@ -138,32 +128,13 @@ def rollout_iteration(
     typer.echo(json.dumps(result.__dict__))
 
 
-def experiment(
-    name: str = typer.Option("experiment", "--name", help="experiment id: outputs in <run-root>/<name>/, cells <name>-<method>-s<seed>"),
-    methods: str = typer.Option("sft,kto,dpo,orpo,grace_offline,grace,grpo", help="comma-separated methods"),
-    seeds: int = typer.Option(3, min=1, help="seeds per method (S)"),
-    total_queries: Optional[int] = typer.Option(24, "--total-queries", "-n", min=0, help="query budget N of every method (0: K x --iterations)"),
-    k: int = typer.Option(8, "-k", help="K queries per semi-online round: ceil(N/K) rounds"),
-    m: int = typer.Option(8, "-m", help="m responses per query"),
-    iterations: int = typer.Option(3, help="semi-online rounds when --total-queries is 0 (N = K x rounds)"),
-    epochs: Optional[int] = typer.Option(None, min=1, help="epochs per round (default: the trainer's setting)"),
-    eval_limit: int = typer.Option(12, help="held-out queries evaluated per policy (0: all)"),
-    eval_n: int = typer.Option(4, help="samples per held-out query"),
-    stack_dir: Optional[Path] = typer.Option(None, help="use this running stack (its stack.json); default: bring up the tiny stack"),
-    run_root: Path = typer.Option(Path("runs"), help="outputs go to <run-root>/<name>/"),
-    sft_dir: Path = typer.Option(Path("runs/demo"), help="own tiny stack: the demo's SFT policy is built or reused here"),
-    report_to: str = typer.Option("none", "--report-to", help=REPORT_TO_HELP.replace("the run folder's ", "<run-root>/<name>/")),
-) -> None:
+@from_options(ExperimentOptions)
+def experiment(options: ExperimentOptions) -> None:
     """The paper's comparison: every method, same budget, S seeds; table, paired test, figures; last line JSON."""
     import json
 
-    from services.orchestrator.experiment import ExperimentOptions, run_experiment
+    from services.orchestrator.experiment import run_experiment
 
-    options = ExperimentOptions(
-        name=name, methods=tuple(x.strip() for x in methods.split(",") if x.strip()), seeds=seeds,
-        total_queries=total_queries or None, k=k, m=m, iterations=iterations, epochs=epochs, eval_limit=eval_limit or None,
-        eval_n=eval_n, run_root=run_root, stack_dir=stack_dir, sft_dir=sft_dir, report_to=report_to_option(report_to),
-    )  # fmt: skip
     typer.echo(json.dumps(run_experiment(options)))
 
 

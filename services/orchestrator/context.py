@@ -19,9 +19,12 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from services.orchestrator.options import default_out
+from shared.cli_options import opt
 from shared.jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -84,23 +87,41 @@ def long_token_sequences(token_docs: Sequence[Sequence[int]], length: int, count
     return sequences, repeated
 
 
+def _methods(value: str) -> list[str]:
+    methods = [m.strip() for m in value.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown {unknown}; choose from {', '.join(METHODS)}")
+    return methods
+
+
 @dataclass
 class ContextOptions:
-    model: str
-    out_dir: Path
-    native_window: int | None = None  # unset = the model's config
-    factors: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    texts: int = 2  # long texts per window for PPL
-    prompts: int = 2  # test queries for #Tokens
-    max_new_tokens: int | None = None  # unset = up to the window
-    queries: Path = DATA_DIR / "test_queries.jsonl"
-    data_dir: Path = DATA_DIR
+    model: str | None = opt(None, "causal LM folder (default: policy_model, else the local model_preset set)")
+    preset: Literal["tiny", "small"] | None = opt(None, "local model set when no model is given (default: model_preset)")
+    out_dir: Path = opt(Path("runs/default/context"), "output folder (default: <run_root>/<run_id>/context-<time>)", "--out",
+                        cli_default=None, parse=lambda v: v or default_out("context"))  # fmt: skip
+    native_window: int | None = opt(None, "treat this as the native window N (default: the model's)")
+    factors: list[float] = opt(help="windows as multiples of N", default_factory=lambda: [1.0, 2.0, 4.0], cli_type=str,
+                               cli_default="1,2,4", parse=lambda v: [float(f) for f in v.split(",") if f.strip()])  # fmt: skip
+    methods: list[str] = opt(help="extension methods", default_factory=lambda: list(METHODS), cli_type=str,
+                             cli_default=",".join(METHODS), parse=_methods)  # fmt: skip
+    texts: int = opt(2, "long texts per window for perplexity")
+    prompts: int = opt(2, "test queries for the generated length")
+    max_new_tokens: int | None = opt(None, "cap on generated tokens (default: up to the window)")
+    queries: Path = opt(DATA_DIR / "test_queries.jsonl", "prompts for generation", cli_default=Path("data/test_queries.jsonl"))
+    data_dir: Path = opt(DATA_DIR, cli=False)
     device: str = "auto"
-    dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
-    seed: int = 0
-    temperature: float = 0.7
-    top_p: float = 0.95
+    dtype: str = opt("auto", "auto | bf16 | fp32")  # auto = bf16 on CUDA, fp32 on CPU
+    seed: int = opt(0, cli=False)
+    temperature: float = opt(0.7, cli=False)
+    top_p: float = opt(0.95, cli=False)
+
+    def __post_init__(self) -> None:
+        if not self.model:  # policy_model, else the local model set (preset, else model_preset)
+            from services.judge.config import JudgeSettings
+
+            self.model = JudgeSettings(**({"model_preset": self.preset} if self.preset else {})).policy_path()
 
 
 def _load(opts: ContextOptions, method: str, factor: float, native: int, theta: float):

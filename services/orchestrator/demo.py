@@ -12,12 +12,12 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
 from services.orchestrator.loop import RunOptions, SemiOnlineRun
+from services.orchestrator.options import DemoOptions
 from services.orchestrator.stack import LocalStack, StackConfig
 from shared.rope import RopeConfig
 from shared.runs import RunConfig
@@ -39,18 +39,6 @@ DEMO_SERVICE_SETTINGS = {
     "rollout": {"dtype": "float32"},  # vLLM CPU would cast to bf16; the trainer trains fp32
     "trainer": {"lora_rank": 16, "lora_alpha": 32, "learning_rate": 1e-3, "min_learning_rate": 1e-4, "epochs": 2},
 }
-
-
-@dataclass
-class DemoOptions:
-    work_dir: Path = Path("runs/demo")
-    run_id: str | None = None
-    iterations: int = 3
-    queries: int = 8
-    responses: int = 8
-    loss: str = "grace_kto"
-    eval_limit: int = 12
-    eval_max_tokens: int | None = None  # the window minus the prompt, as in sampling
 
 
 def sft_policy(work_dir: Path, console: Console, rope: RopeConfig) -> Path:

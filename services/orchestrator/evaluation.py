@@ -28,6 +28,7 @@ import httpx
 
 from services.judge.protocol import Judgment, Usage
 from services.orchestrator import report
+from services.orchestrator.options import EvalOptions, PolicySpec, parse_policy_spec  # noqa: F401 (re-exported)
 from services.reward.client import AsyncRewardClient
 from shared.jsonl import read_queries, write_jsonl
 from shared.parsing import extract_structured
@@ -36,24 +37,6 @@ from shared.prompts import chat_messages
 log = logging.getLogger(__name__)
 
 REFERENCE_LABEL = "Labeled Answer"
-
-
-@dataclass(frozen=True)
-class PolicySpec:
-    label: str
-    model: str
-    base_url: str | None = None  # None = the rollout service
-
-
-def parse_policy_spec(spec: str) -> PolicySpec:
-    """``model``, ``label=model``, ``model@http://host/v1`` or ``label=model@http://host/v1``."""
-    spec = spec.strip()
-    head, at, base_url = spec.partition("@")
-    label, _, model = head.rpartition("=")  # the label may hold '=' (the paper's "GRACE (K=250)"), model names don't
-    label, model, base_url = label.strip(), model.strip(), base_url.strip()
-    if not model or (at and not base_url):
-        raise ValueError(f"policy {spec!r}: expected MODEL, LABEL=MODEL or LABEL=MODEL@BASE_URL")
-    return PolicySpec(label=label or model, model=model, base_url=base_url or None)
 
 
 @dataclass
@@ -88,34 +71,6 @@ class EvalRecord:
         self.judge_parse_error = judgment.parse_error
         self.judge_usage = judgment.usage.model_dump()
         self.judge_cached = judgment.cached
-
-
-@dataclass
-class EvalOptions:
-    policies: list[PolicySpec]
-    queries: Path = Path("data/test_queries.jsonl")
-    limit: int | None = None
-    out_dir: Path = Path("runs/default/eval")
-    rollout_url: str = "http://127.0.0.1:8000/v1"
-    reward_url: str | None = "http://127.0.0.1:8100"
-    judge_url: str | None = None  # None = call the judge backend (JudgeSettings) directly
-    judge: bool = True
-    rollout_api_key: str | None = None  # bearer keys of the project's services
-    reward_api_key: str | None = None
-    judge_api_key: str | None = None
-    n: int = 1
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_tokens: int | None = None  # None = the served window minus the prompt (vLLM's default), as in sampling
-    seed: int | None = 0
-    concurrency: int = 8
-    judge_part: str = "answer"  # "answer": the document when parsed, else the whole text; "full"
-    judge_reference: bool = False  # give the judge the query file's "response" field as a reference answer
-    reference: bool = False  # also judge/score the "response" field of the query file, unranked
-    stages: bool = False  # policies are training stages: figure 3 lines instead of figure 1 bars
-    reward_groups_per_request: int = 4
-    judge_items_per_request: int = 16
-    request_timeout_s: float = 3600.0
 
 
 def _headers(api_key: str | None) -> dict[str, str]:

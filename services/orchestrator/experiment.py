@@ -26,52 +26,22 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 from rich.console import Console
 
 from services.orchestrator import stats
+from services.orchestrator.options import ExperimentOptions
 from services.orchestrator.stack import StackInfo
 from shared.jsonl import read_jsonl
-from shared.tracking import RunRecorder, TrackingOptions, open_tracker, parse_report_to
+from shared.tracking import RunRecorder, TrackingOptions, open_tracker
 
-METHODS = ("sft", "kto", "dpo", "orpo", "grace_offline", "grace", "grpo")
 TRAINED = {"kto": ("kto", False), "dpo": ("dpo", False), "orpo": ("orpo", False),
            "grace_offline": ("grace_kto", True), "grace": ("grace_kto", False), "grpo": ("grpo", False)}  # fmt: skip
 BASELINE = "sft"
 EVAL_SEED_STRIDE = 10007  # evaluation seed of seed s: s * stride (+ query index, + sample index in vLLM)
-
-
-@dataclass
-class ExperimentOptions:
-    name: str = "experiment"
-    methods: tuple[str, ...] = METHODS
-    seeds: int = 3
-    total_queries: int | None = 24  # N; None = k * iterations
-    k: int = 8
-    m: int = 8
-    iterations: int = 3  # semi-online rounds when total_queries is None
-    epochs: int | None = None
-    eval_limit: int | None = 12
-    eval_n: int = 4
-    eval_max_tokens: int | None = None
-    run_root: Path = Path("runs")
-    stack_dir: Path | None = None  # a running stack (its stack.json); None = bring up the tiny stack
-    sft_dir: Path = Path("runs/demo")  # own stack: the demo's SFT policy is built (or reused) here
-    stage_timeout_s: float = 3600.0
-    report_to: tuple[str, ...] = ()  # tracking backends (shared.tracking); () = nothing recorded
-
-    def __post_init__(self) -> None:
-        self.report_to = parse_report_to(self.report_to)
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-        if not self.methods:
-            raise ValueError("no methods")
-        if self.seeds < 1:
-            raise ValueError("--seeds must be >= 1")
 
 
 def cell_id(name: str, method: str, seed: int) -> str:

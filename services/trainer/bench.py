@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.bench_report import write_json, write_markdown
+from shared.cli_options import opt
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +52,18 @@ ONCE = ("dpo", "grpo")  # memory and tokens/s, one run each
 
 @dataclass
 class BenchOptions:
-    preset: str = "small"
-    samples: int = 32
-    batch_size: int = 8
-    min_tokens: int = 64
-    max_tokens: int = 640
-    precision: str = "fp32"
-    lora_rank: int = 64
-    threads: int = 0
-    micro_batch_tokens: int = 1024
-    repeats: int = 2
-    seed: int = 0
-    out: Path | None = None
+    preset: str = opt("small", "local model preset: small (tens of M params) or tiny")
+    samples: int = opt(32, "weighted samples in the epoch (groups of 8)")
+    batch_size: int = opt(8, "samples per optimizer step (paper: 8)")
+    min_tokens: int = opt(64, "shortest response, in tokens")
+    max_tokens: int = opt(640, "longest response, in tokens")
+    precision: str = opt("fp32", "fp32 or bf16 (the same for every method)")
+    lora_rank: int = opt(64, "LoRA rank (paper: 64)")
+    threads: int = opt(0, "torch threads per method (0 = torch default)")
+    micro_batch_tokens: int = opt(1024, "GRACE-KTO/DPO padded tokens per forward (about one long sequence)")
+    repeats: int = opt(2, "alternating GRACE-KTO/TRL runs; the fastest of each counts (shared machines)")
+    seed: int = opt(0, cli=False)
+    out: Path | None = opt(None, "folder for bench.json and the table (default: <run_root>/bench-trainer)")
 
 
 # --------------------------------------------------------------------------- data

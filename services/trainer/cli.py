@@ -6,6 +6,9 @@ from pathlib import Path
 
 import typer
 
+from services.trainer.bench import BenchOptions
+from shared.cli_options import from_options
+
 
 def serve() -> None:
     """Trainer worker: weighted samples from Redis -> one epoch per iteration -> LoRA adapters + events.
@@ -25,25 +28,12 @@ def serve() -> None:
     TrainerWorker(settings, connect(settings.redis_url)).run()
 
 
-def bench(
-    preset: str = typer.Option("small", help="local model preset: small (tens of M params) or tiny"),
-    samples: int = typer.Option(32, help="weighted samples in the epoch (groups of 8)"),
-    batch_size: int = typer.Option(8, help="samples per optimizer step (paper: 8)"),
-    min_tokens: int = typer.Option(64, help="shortest response, in tokens"),
-    max_tokens: int = typer.Option(640, help="longest response, in tokens"),
-    precision: str = typer.Option("fp32", help="fp32 or bf16 (the same for every method)"),
-    lora_rank: int = typer.Option(64, help="LoRA rank (paper: 64)"),
-    threads: int = typer.Option(0, help="torch threads per method (0 = torch default)"),
-    micro_batch_tokens: int = typer.Option(1024, help="GRACE-KTO/DPO padded tokens per forward (about one long sequence)"),
-    repeats: int = typer.Option(2, help="alternating GRACE-KTO/TRL runs; the fastest of each counts (shared machines)"),
-    out: Path = typer.Option(None, help="folder for bench.json and the table (default: <run_root>/bench-trainer)"),
-) -> None:
+@from_options(BenchOptions)
+def bench(options: BenchOptions) -> None:
     """One GRACE-KTO epoch vs TRL's KTOTrainer (speed, peak memory) and vs DPO (peak memory), same run."""
-    from services.trainer.bench import BenchOptions, run_bench
+    from services.trainer.bench import run_bench
 
-    run_bench(BenchOptions(preset=preset, samples=samples, batch_size=batch_size, min_tokens=min_tokens,
-                           max_tokens=max_tokens, precision=precision, lora_rank=lora_rank, threads=threads,
-                           micro_batch_tokens=micro_batch_tokens, repeats=repeats, out=out))  # fmt: skip
+    run_bench(options)
 
 
 def sft(
