@@ -119,7 +119,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> Path:
         )  # fmt: skip
         run = SemiOnlineRun(
             RunOptions(config=config, run_dir=run_root / run_id, eval_limit=options.eval_limit,
-                       eval_max_tokens=options.eval_max_tokens),
+                       eval_n=options.eval_n, eval_max_tokens=options.eval_max_tokens),
             info, console,
         )  # fmt: skip
         report = run.run()

@@ -40,7 +40,8 @@ class DemoOptions:
     queries: int = opt(8, "new queries per iteration (K)", "--queries", "-k")
     responses: int = opt(8, "responses per query (m; paper: 8)", "--responses", "-m")
     loss: str = "grace_kto"
-    eval_limit: int = opt(12, cli=False)
+    eval_limit: int = opt(24, cli=False)  # every held-out query
+    eval_n: int = opt(4, cli=False)  # samples per held-out query: 96 answers per row, so a row's L is not noise
     eval_max_tokens: int | None = opt(None, cli=False)  # the window minus the prompt, as in sampling
 
 

@@ -49,6 +49,9 @@ def sft(
     section_tokens: int = typer.Option(
         None, help="cut each tagged section to N tokens (0 = off; default: 16 for models under 10M parameters, else off)"
     ),
+    answer_tokens: int = typer.Option(
+        None, help="cut answers to a random length up to N tokens, >= --section-tokens (default: off; 128 under 10M parameters)"
+    ),
     tag_weight: float = typer.Option(None, help="loss weight of the structure tags (default: 1; 5 under 10M parameters)"),
     target_tag_rate: float = typer.Option(
         None, help="train in rounds until this share of sampled seed-query answers parses (default: off; 0.9 under 10M parameters)"
@@ -72,7 +75,7 @@ def sft(
 
     result = run_sft(SftOptions(data=data, out=out, base=base, mode=mode, epochs=epochs, lr=lr, max_steps=max_steps,
                                 batch_size=batch_size, max_length=max_length, seed=seed,
-                                section_tokens=section_tokens, tag_weight=tag_weight, target_tag_rate=target_tag_rate,
+                                section_tokens=section_tokens, answer_tokens=answer_tokens, tag_weight=tag_weight, target_tag_rate=target_tag_rate,
                                 max_rounds=max_rounds, query_generation_examples=query_generation_examples,
                                 rope=RopeConfig.model_validate_json(rope) if rope else None))  # fmt: skip
     rate = "" if result["tag_rate"] is None else f" tag_rate={result['tag_rate']:.2f}"

@@ -10,7 +10,7 @@ is checked against it): YaRN is applied at load only with
 
 Real models get the paper's defaults (one epoch). A model under 10M parameters
 (the tiny preset) trains in rounds of 100 epochs on sections cut to random
-16-token windows, the structure tags weighted 5x, until 90% of the answers it
+16-token windows (answers to a random 16 to 128 tokens), the structure tags weighted 5x, until 90% of the answers it
 samples for the seed queries (temperature 1, top-p 0.95, as the rollout
 samples) parse: the demo's "SFT until the policy reliably emits the format".
 It also learns the 3.2 query-generation turn, since in the demo the policy is
@@ -38,13 +38,15 @@ from shared.tiny_models import STRUCTURE_TAGS
 log = logging.getLogger(__name__)
 
 # Paper 4.1: full-parameter SFT, one epoch, lr 1e-6 (LoRA SFT: a LoRA-sized lr).
-_PAPER = {"epochs": 1, "batch_size": 8, "section_tokens": 0, "tag_weight": 1.0, "target_tag_rate": 0.0, "max_rounds": 1, "query_generation_examples": 0}
+_PAPER = {"epochs": 1, "batch_size": 8, "section_tokens": 0, "answer_tokens": 0, "tag_weight": 1.0, "target_tag_rate": 0.0, "max_rounds": 1, "query_generation_examples": 0}
 PAPER_DEFAULTS = {"full": {**_PAPER, "lr": 1e-6}, "lora": {**_PAPER, "lr": 1e-4}}
 # Models under SMALL_MODEL_PARAMS (the local tiny preset) need far more updates, and short sections:
 # such a model cannot write a coherent long document, so on full-length examples its greedy output loops
 # inside <answer> and never closes it; on sections cut to 16 tokens (closing tags kept) it learns the format.
+# Answers cut to a random 16-128 tokens (summary and outline 16) teach it answers of varied length, so the
+# m answers of a group differ in L (sampled: 4 to 118 tokens, median 25, where fixed 16-token answers gave ~15).
 SMALL_MODEL_PARAMS = 10_000_000
-_SMALL = {"epochs": 100, "lr": 1e-2, "batch_size": 4, "section_tokens": 16, "tag_weight": 5.0, "target_tag_rate": 0.9, "max_rounds": 3, "query_generation_examples": 4}
+_SMALL = {"epochs": 100, "lr": 1e-2, "batch_size": 4, "section_tokens": 16, "answer_tokens": 128, "tag_weight": 5.0, "target_tag_rate": 0.9, "max_rounds": 3, "query_generation_examples": 4}
 SMALL_MODEL_DEFAULTS = {"full": _SMALL, "lora": _SMALL}  # the same for both modes
 
 
@@ -59,6 +61,7 @@ class SftOptions:
     lr: float | None = None
     batch_size: int | None = None
     section_tokens: int | None = None
+    answer_tokens: int | None = None  # > section_tokens: answers cut to a random length up to this
     max_steps: int | None = None
     max_length: int = 2048
     seed: int = 0
@@ -84,11 +87,14 @@ def load_examples(path: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def condense(response: str, tokenizer: Any, max_tokens: int, rng: random.Random | None = None) -> str:
+def condense(response: str, tokenizer: Any, max_tokens: int, rng: random.Random | None = None,
+             answer_tokens: int = 0) -> str:  # fmt: skip
     """The tagged response with each section cut to ``max_tokens`` tokens (tags kept); untagged: unchanged.
 
     Without ``rng`` the first tokens of each section are kept; with it, a random window of each
-    section, so every epoch shows new content in the same format.
+    section, so every epoch shows new content in the same format. ``answer_tokens`` > ``max_tokens``
+    (with ``rng``): the answer's window is a random length in [max_tokens, answer_tokens], so the
+    policy learns answers of varied length, and sampled groups differ in L.
     """
     from shared.parsing import extract_structured
 
@@ -96,13 +102,14 @@ def condense(response: str, tokenizer: Any, max_tokens: int, rng: random.Random 
     if parts is None or max_tokens <= 0:
         return response
 
-    def cut(text: str) -> str:
+    def cut(text: str, length: int = max_tokens) -> str:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        start = rng.randrange(len(ids) - max_tokens + 1) if rng is not None and len(ids) > max_tokens else 0
-        return tokenizer.decode(ids[start : start + max_tokens], skip_special_tokens=True).strip() or text[:1]
+        start = rng.randrange(len(ids) - length + 1) if rng is not None and len(ids) > length else 0
+        return tokenizer.decode(ids[start : start + length], skip_special_tokens=True).strip() or text[:1]
 
+    answer_length = rng.randint(max_tokens, answer_tokens) if rng is not None and answer_tokens > max_tokens else max_tokens
     return (f"<summary>{cut(parts.summary)}</summary><outline>{cut(parts.outline)}</outline>"
-            f"<answer>{cut(parts.answer)}</answer>")  # fmt: skip
+            f"<answer>{cut(parts.answer, answer_length)}</answer>")  # fmt: skip
 
 
 def _single_token_ids(tokenizer: Any, tokens: list[str]) -> list[int]:
@@ -158,11 +165,11 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
     for round_index in range(chosen["max_rounds"]):
         steps_left = opts.max_steps - len(losses) if opts.max_steps else None
         plan = _plan_round(examples, generation, encode, tokenizer, rng, epochs, chosen["batch_size"], section_tokens,
-                           opts.seed + round_index * epochs, steps_left)  # fmt: skip
+                           opts.seed + round_index * epochs, steps_left, chosen["answer_tokens"])  # fmt: skip
         peak = lr if round_index == 0 else lr * opts.min_lr_ratio
         round_losses = [step_fn(step, len(plan), batch, peak, opts, warmup=round_index == 0) for step, batch in enumerate(plan)]
         losses += round_losses
-        rate = sampled_tag_rate(model, tokenizer, probe, _probe_tokens(section_tokens), opts.seed) if probe else None
+        rate = sampled_tag_rate(model, tokenizer, probe, _probe_tokens(section_tokens, chosen["answer_tokens"]), opts.seed) if probe else None
         rounds.append({"round": round_index + 1, "steps": len(plan), "loss": round_losses[-1] if plan else None, "tag_rate": rate})
         log.info("event=sft_round round=%d steps=%d loss=%s tag_rate=%s target=%s", round_index + 1, len(plan),
                  rounds[-1]["loss"], rate, chosen["target_tag_rate"])  # fmt: skip
@@ -194,7 +201,7 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
 
 def _plan_round(examples: list[tuple[str, str]], generation: QueryGenerationExamples, encode: Any, tokenizer: Any,
                 rng: random.Random, epochs: int, batch_size: int, section_tokens: int, seed: int,
-                max_steps: int | None) -> list[list[Any]]:  # fmt: skip
+                max_steps: int | None, answer_tokens: int = 0) -> list[list[Any]]:  # fmt: skip
     """The sequences of each step of one round; condensed examples draw new section windows every epoch,
     query-generation turns new examples and targets."""
     from services.trainer.batching import plan_batches
@@ -202,7 +209,7 @@ def _plan_round(examples: list[tuple[str, str]], generation: QueryGenerationExam
     plan: list[list[Any]] = []
     for epoch in range(epochs):
         if epoch == 0 or section_tokens or generation.per_epoch:
-            seqs = [encode(q, condense(r, tokenizer, section_tokens, rng) if section_tokens else r) for q, r in examples]
+            seqs = [encode(q, condense(r, tokenizer, section_tokens, rng, answer_tokens) if section_tokens else r) for q, r in examples]
             seqs += [encode("", target, messages) for messages, target in generation.draw(rng)]
         plan += [[seqs[i] for i in batch] for batch in plan_batches(len(seqs), batch_size, seed + epoch)]
         if max_steps and len(plan) >= max_steps:
@@ -278,9 +285,9 @@ def probe_queries(path: Path, limit: int) -> list[str]:
     return queries
 
 
-def _probe_tokens(section_tokens: int) -> int:
-    """New tokens a probe answer may take: room for three sections, so a looping section fails to close."""
-    return 8 * 3 * section_tokens if section_tokens else 2048
+def _probe_tokens(section_tokens: int, answer_tokens: int = 0) -> int:
+    """New tokens a probe answer may take: 8x room for the three sections, so a looping section fails to close."""
+    return 8 * (2 * section_tokens + max(section_tokens, answer_tokens)) if section_tokens else 2048
 
 
 def _save_policy(model: Any, tokenizer: Any, out: Path, summary: dict[str, Any]) -> None:

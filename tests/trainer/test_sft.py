@@ -33,6 +33,25 @@ def test_condense_cuts_each_section_and_keeps_the_tags(tiny_models):
     assert condense("no tags here", tokenizer, 10) == "no tags here"
 
 
+def test_condense_draws_answers_of_varied_length_with_answer_tokens(tiny_models):
+    import random
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.policy)
+    long = " ".join(f"word{i}" for i in range(400))
+    response = f"<summary>{long}</summary><outline>{long}</outline><answer>{long}</answer>"
+    rng = random.Random(0)
+    lengths = {"summary": set(), "answer": set()}
+    for _ in range(30):
+        parts = extract_structured(condense(response, tokenizer, 10, rng, answer_tokens=120))
+        for name in lengths:
+            lengths[name].add(len(tokenizer(getattr(parts, name), add_special_tokens=False)["input_ids"]))
+    assert max(lengths["summary"]) <= 11  # the other sections keep the fixed window (a word may merge at a cut)
+    assert min(lengths["answer"]) >= 8 and max(lengths["answer"]) <= 121
+    assert max(lengths["answer"]) - min(lengths["answer"]) > 50  # lengths spread over the range, not one value
+
+
 def test_query_generation_turns_look_like_the_rollouts_generation_request(tmp_path):
     from services.orchestrator.rollout import query_list_regex
     from services.rollout.config import RolloutSettings
