@@ -10,8 +10,13 @@ Checks:
 - ``losses_0p5b``: one epoch of GRACE-KTO, KTO, DPO and GRPO (same samples, bf16, LoRA r=64, the trainer's
   token budget) on a randomly initialised Qwen2-0.5B-shaped policy: tokens/s and peak CUDA memory each,
   and GRACE-KTO again on the same base in 4-bit nf4 (QLoRA);
-- ``long_context``: one GRACE-KTO step on a single 32k-token sample of that policy with YaRN (factor 4 over
-  an 8k native window, rope_scope=inference_and_training) and gradient checkpointing: peak memory and time.
+- ``long_context``: one GRACE-KTO step on two 32k-token samples of that policy with YaRN (factor 4 over
+  an 8k native window, rope_scope=inference_and_training) and gradient checkpointing: peak memory and time;
+- ``attention``: the SDPA kernel each attention path (transformers' ``sdpa``, the trainer's
+  ``grace_fused_sdpa``) reaches on an 8k-token forward+backward, each backend allowed alone;
+- ``profile``: torch.profiler's top operators of one GRACE-KTO epoch (QLoRA, the CUDA default).
+
+Results of a run on one H200: docs/gpu/ and the README's "GPU check".
 
 The last stdout line is the report as JSON; ``--out DIR`` also writes it to ``DIR/gpu-check.json``.
 """
@@ -310,7 +315,7 @@ def _version(package: str) -> str | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="folder for gpu-check.json")
-    parser.add_argument("--checks", default="qlora_nf4,deepspeed_zero2,reward_bf16,attention,long_context,losses_0p5b")
+    parser.add_argument("--checks", default="qlora_nf4,deepspeed_zero2,reward_bf16,attention,long_context,losses_0p5b,profile")
     args = parser.parse_args()
     from shared.tiny_models import ensure_model_set
 

@@ -18,8 +18,8 @@ def test_gpu_check_reports_every_check(tiny_models, tmp_path):
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert json.loads((tmp_path / "gpu-check.json").read_text()) == report
     checks = report["checks"]
-    assert set(checks) == {"qlora_nf4", "deepspeed_zero2", "reward_bf16", "losses_0p5b", "long_context", "attention"}
-    for name in ("qlora_nf4", "deepspeed_zero2", "losses_0p5b", "long_context", "attention"):
+    assert set(checks) == {"qlora_nf4", "deepspeed_zero2", "reward_bf16", "losses_0p5b", "long_context", "attention", "profile"}
+    for name in ("qlora_nf4", "deepspeed_zero2", "losses_0p5b", "long_context", "attention", "profile"):
         assert checks[name]["status"] == "skipped" and "CUDA" in checks[name]["reason"]
     reward = checks["reward_bf16"]
     assert reward["status"] == "ok" and reward["device"] == "cpu bf16 vs cpu fp32"
