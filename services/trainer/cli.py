@@ -56,7 +56,7 @@ def sft(
     target_tag_rate: float = typer.Option(
         None, help="train in rounds until this share of sampled seed-query answers parses (default: off; 0.9 under 10M parameters)"
     ),
-    max_rounds: int = typer.Option(None, help="most rounds of --epochs epochs (default: 1; 3 under 10M parameters)"),
+    max_rounds: int = typer.Option(None, help="most rounds of --epochs epochs (default: 1; 2 under 10M parameters)"),
     query_generation_examples: int = typer.Option(
         None, help="3.2 query-generation turns per epoch (default: 0; 4 under 10M parameters, the demo's generator)"
     ),
