@@ -93,9 +93,10 @@ def fused_sdpa_attention(module: Any, query: torch.Tensor, key: torch.Tensor, va
 
     Measured on an H200 (``scripts/gpu_check.py --checks attention``, Qwen2-0.5B shape, one 8k-token
     sequence, forward and backward): transformers' own path handed SDPA fp32 q/k with ``enable_gqa``, so
-    only the math kernel ran and materialised the attention matrix, 114.6 GiB peak; repeated K/V heads
-    ran the memory-efficient kernel in 21.0 GiB, and a 32k-token GRACE-KTO step (YaRN x4) in 8.4 GiB,
-    where the other path ran out of the card's 140 GiB.
+    only the math kernel ran and materialised the attention matrix, 114.6 GiB peak (QLoRA's fp32 residual
+    stream; fused kernels take fp16/bf16 only). Here flash, memory-efficient and cuDNN all run, 20.6 GiB,
+    and a 32k-token GRACE-KTO step (YaRN x4) fits in 8.5 GiB, where the other path ran out of 140 GiB.
+    Training forwards only (no KV cache): a query longer than one token is the whole causal sequence.
     """
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
