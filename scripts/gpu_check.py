@@ -100,7 +100,7 @@ QWEN2_0P5B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers"
 BUILD_DEVICE = "cuda"
 
 
-def _qwen2_0p5b(models, folder: Path) -> Path:
+def _qwen2_0p5b(models, folder: Path = Path("/tmp/gpu-check-qwen2-0p5b")) -> Path:
     """A Qwen2-0.5B-shaped policy with random bf16 weights and the tiny set's tokenizer (ids < its vocab)."""
     import shutil
 
@@ -152,7 +152,7 @@ def check_losses(models) -> dict:
     from services.trainer.model import load_tokenizer
     from shared.schemas import WeightedSample
 
-    path = _qwen2_0p5b(models, Path("/tmp/gpu-check-qwen2-0p5b"))
+    path = _qwen2_0p5b(models)
     opts = BenchOptions(samples=32, min_tokens=256, max_tokens=2048)
     samples = [WeightedSample(**row) for row in make_samples(load_tokenizer(path), opts)]
     runs = {loss: _epoch(path, samples, loss, micro_batch_tokens=16384) for loss in ("grace_kto", "kto", "dpo", "grpo")}
@@ -173,7 +173,7 @@ def check_long_context(models) -> dict:
     from services.trainer.model import load_tokenizer
     from shared.schemas import WeightedSample
 
-    path = _qwen2_0p5b(models, Path("/tmp/gpu-check-qwen2-0p5b"))
+    path = _qwen2_0p5b(models)
     tokenizer = load_tokenizer(path)
     corpus = (ROOT / "data" / "sft.jsonl").read_text(encoding="utf-8")
     ids = tokenizer(corpus, add_special_tokens=False)["input_ids"]
@@ -201,7 +201,7 @@ def check_attention(models) -> dict:
     from services.trainer.config import TrainerSettings
     from services.trainer.model import FUSED_SDPA, Sequence, load_policy, sequence_logps
 
-    path = _qwen2_0p5b(models, Path("/tmp/gpu-check-qwen2-0p5b"))
+    path = _qwen2_0p5b(models)
     sequences = [Sequence(ids=[10 + i % 3000 for i in range(8192)], prompt_len=16)]
     original = F.scaled_dot_product_attention
     results: dict[str, dict] = {}
@@ -256,7 +256,7 @@ def check_profile(models) -> dict:
     from services.trainer.train import Trainer
     from shared.schemas import WeightedSample
 
-    path = _qwen2_0p5b(models, Path("/tmp/gpu-check-qwen2-0p5b"))
+    path = _qwen2_0p5b(models)
     samples = [WeightedSample(**row) for row in make_samples(load_tokenizer(path), BenchOptions(samples=16, min_tokens=256, max_tokens=2048))]
     # quantization "auto": QLoRA nf4 on CUDA with bitsandbytes, the trainer's default there
     settings = TrainerSettings(policy_model=str(path), lora_rank=64, lora_alpha=128, batch_size=8, precision="bf16",

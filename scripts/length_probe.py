@@ -17,33 +17,20 @@ from pathlib import Path
 
 os.environ.setdefault("GRACE_TRAINER_ROPE_SCOPE", "inference_and_training")  # as the demo trains and samples
 
-import torch  # noqa: E402
-
 from services.trainer.config import TrainerSettings  # noqa: E402
 from services.trainer.model import load_policy  # noqa: E402
-from services.trainer.sft import probe_queries  # noqa: E402
+from services.trainer.sft import probe_queries, sample_answers  # noqa: E402
 from services.trainer.train import Trainer  # noqa: E402
 from shared.jsonl import read_jsonl  # noqa: E402
 from shared.parsing import extract_structured  # noqa: E402
-from shared.prompts import chat_messages  # noqa: E402
 from shared.schemas import WeightedSample  # noqa: E402
 
 VARIANTS = {"none": None, "all": lambda s: True, "positives": lambda s: s.weight > 0, "negatives": lambda s: s.weight <= 0}
 
 
 def held_out_lengths(model, tokenizer, queries: list[str], per_query: int, seed: int) -> dict[str, float]:
-    model.eval()
-    model.config.use_cache = True
-    tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template(chat_messages(q), add_generation_prompt=True, tokenize=False)
-             for q in queries for _ in range(per_query)]  # fmt: skip
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=600, do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    model.config.use_cache = False
-    parts = [extract_structured(a) for a in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)]
+    answers = sample_answers(model, tokenizer, [q for q in queries for _ in range(per_query)], 600, seed)
+    parts = [extract_structured(a) for a in answers]
     lengths = [len(tokenizer(p.answer, add_special_tokens=False)["input_ids"]) for p in parts if p]
     return {"L": round(statistics.mean(lengths), 1) if lengths else None, "parsed": round(len(lengths) / len(parts), 2)}
 

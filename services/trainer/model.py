@@ -66,8 +66,6 @@ def resolve_runtime(settings: TrainerSettings) -> Runtime:
         attn = "sdpa"
         if cuda:
             attn = "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else FUSED_SDPA
-    if attn == FUSED_SDPA:
-        register_fused_sdpa(dtype)
     checkpointing = settings.gradient_checkpointing == "on" or (settings.gradient_checkpointing == "auto" and cuda)
     return Runtime(
         device=device,
@@ -150,6 +148,8 @@ def load_base(path: str | Path, runtime: Runtime, rope: RopeConfig | None = None
     """The frozen base model on ``runtime.device`` (4-bit when ``runtime.quantize``), RoPE per ``model_config``."""
     from transformers import AutoModelForCausalLM
 
+    if runtime.attn_implementation == FUSED_SDPA:
+        register_fused_sdpa(runtime.dtype)
     kwargs: dict[str, Any] = {
         "config": model_config(path, rope),
         "attn_implementation": runtime.attn_implementation,

@@ -310,14 +310,10 @@ def _save_policy(model: Any, tokenizer: Any, out: Path, summary: dict[str, Any])
         raise
 
 
-def sampled_tag_rate(model: Any, tokenizer: Any, queries: list[str], max_new_tokens: int, seed: int = 0,
-                     temperature: float = 1.0, top_p: float = 0.95) -> float:  # fmt: skip
-    """Share of ``queries`` whose sampled answer ``extract_structured`` parses.
-
-    Sampled as the rollout samples (temperature 1, top-p 0.95), not greedily: the
-    iterations train on sampled responses, so that is the rate that matters.
-    """
-    from shared.parsing import extract_structured
+def sample_answers(model: Any, tokenizer: Any, queries: list[str], max_new_tokens: int, seed: int = 0,
+                   temperature: float = 1.0, top_p: float = 0.95) -> list[str]:  # fmt: skip
+    """One sampled answer per query under the 3.1 chat prompt, sampled as the rollout samples (temperature 1,
+    top-p 0.95), not greedily: the iterations train on sampled responses."""
     from shared.prompts import chat_messages
 
     model.eval()
@@ -331,5 +327,12 @@ def sampled_tag_rate(model: Any, tokenizer: Any, queries: list[str], max_new_tok
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p,
                              top_k=0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     model.config.use_cache = False
-    answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def sampled_tag_rate(model: Any, tokenizer: Any, queries: list[str], max_new_tokens: int, seed: int = 0) -> float:
+    """Share of ``queries`` whose sampled answer (``sample_answers``) ``extract_structured`` parses."""
+    from shared.parsing import extract_structured
+
+    answers = sample_answers(model, tokenizer, queries, max_new_tokens, seed)
     return sum(extract_structured(a) is not None for a in answers) / max(len(answers), 1)
