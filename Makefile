@@ -19,7 +19,8 @@ test-unit: setup
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check services shared tests
+	$(VENV)/bin/ruff check services shared tests scripts
+	$(VENV)/bin/ruff format --check services shared tests scripts
 
 demo: setup
 	$(VENV)/bin/grace demo

@@ -85,7 +85,13 @@ def check_zero2(models) -> dict:
         return {"status": "skipped", "reason": "CUDA not available (DeepSpeed ZeRO needs NCCL)"}
     if importlib.util.find_spec("deepspeed") is None:
         return {"status": "skipped", "reason": "deepspeed not installed (scripts/gpu-wheels.sh carries it)"}
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+    for key, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29511",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+    }.items():
         os.environ.setdefault(key, value)
     zero2 = ROOT / "services" / "trainer" / "deepspeed" / "zero2.json"
     return {"status": "ok", **_train_step(models, deepspeed=str(zero2), quantization="none", precision="bf16")}
@@ -257,7 +263,10 @@ def check_profile(models) -> dict:
     from shared.schemas import WeightedSample
 
     path = _qwen2_0p5b(models)
-    samples = [WeightedSample(**row) for row in make_samples(load_tokenizer(path), BenchOptions(samples=16, min_tokens=256, max_tokens=2048))]
+    samples = [
+        WeightedSample(**row)
+        for row in make_samples(load_tokenizer(path), BenchOptions(samples=16, min_tokens=256, max_tokens=2048))
+    ]
     # quantization "auto": QLoRA nf4 on CUDA with bitsandbytes, the trainer's default there
     settings = TrainerSettings(policy_model=str(path), lora_rank=64, lora_alpha=128, batch_size=8, precision="bf16",
                                micro_batch_tokens=16384, num_threads=None)  # fmt: skip

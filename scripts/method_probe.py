@@ -49,7 +49,11 @@ VARIANTS: dict[str, dict] = {
     "grace_epochs4": {"trainer": {"epochs": 4}},
     "kto_epochs4": {"loss": "kto", "trainer": {"epochs": 4}},
     "grace_k16_epochs1_lr3e-3": {"k": 16, "trainer": {"epochs": 1, "learning_rate": 3e-3, "min_learning_rate": 3e-4}},
-    "kto_k16_epochs1_lr3e-3": {"loss": "kto", "k": 16, "trainer": {"epochs": 1, "learning_rate": 3e-3, "min_learning_rate": 3e-4}},
+    "kto_k16_epochs1_lr3e-3": {
+        "loss": "kto",
+        "k": 16,
+        "trainer": {"epochs": 1, "learning_rate": 3e-3, "min_learning_rate": 3e-4},
+    },
     "grace_lr3e-3": {"trainer": {"learning_rate": 3e-3, "min_learning_rate": 3e-4}},
     "grace_mu0": {"trainer": {"sft_weight": 0.0}},
     "grace_beta0.2": {"trainer": {"beta": 0.2}},
@@ -64,7 +68,9 @@ def ranked_only(metrics, keep: tuple[str, ...]):
 def held_out_rows(cell: dict, round_: int, model, tokenizer, scorer, queries: list[str], per_query: int) -> list[dict]:
     from services.trainer.sft import sample_answers
 
-    answers = sample_answers(model, tokenizer, [q for q in queries for _ in range(per_query)], 600, 10_000 * cell["seed"] + round_)
+    answers = sample_answers(
+        model, tokenizer, [q for q in queries for _ in range(per_query)], 600, 10_000 * cell["seed"] + round_
+    )
     groups = [(q, answers[i * per_query : (i + 1) * per_query]) for i, q in enumerate(queries)]
     rows = []
     for qi, scored in enumerate(scorer.score(groups)):
@@ -163,7 +169,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     shared_args = {k: getattr(args, k) for k in ("policy", "models", "rounds", "k", "m", "device", "threads")}
     started, rows = time.perf_counter(), []
-    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool, (args.out / "rows.jsonl").open("w") as sink:
+    with (
+        ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool,
+        (args.out / "rows.jsonl").open("w") as sink,
+    ):
         jobs = {pool.submit(run_cell, v, s, shared_args): (v, s) for s in range(args.seeds) for v in variants}
         for job in as_completed(jobs):  # each cell's rows are flushed as it finishes
             cell_rows = job.result()

@@ -117,4 +117,3 @@ def connect(url: str | None) -> redis.Redis:
     if not url:
         raise RuntimeError("no Redis URL: set REDIS_URL (or GRACE_<SERVICE>_REDIS_URL), or use the local stack")
     return redis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
-

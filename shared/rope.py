@@ -29,7 +29,8 @@ class RopeConfig(BaseModel):
     yarn_factor: float = Field(4.0, gt=0, description="YaRN rope scaling factor (1 = off): window = factor x native")
     native_window: int | None = Field(None, ge=1, description="the model's native context (None = its config.json)")
     scope: RopeScope = Field(
-        "inference", description="inference: YaRN only when sampling (paper 3.6); inference_and_training: also the trainer and SFT"
+        "inference",
+        description="inference: YaRN only when sampling (paper 3.6); inference_and_training: also the trainer and SFT",
     )
 
     @property

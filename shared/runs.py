@@ -37,19 +37,20 @@ class RunConfig(BaseModel):
     responses_per_query: int = Field(8, ge=2, description="m")
     loss: Literal["grace_kto", "kto", "dpo", "orpo", "sft", "grpo"] = "grace_kto"
     offline: bool = Field(False, description="the paper's GRACE (offline): one round over the whole query set")
-    total_queries: int | None = Field(
-        None, ge=1, description="query budget N (paper: 1000); the last round holds the remainder"
-    )
+    total_queries: int | None = Field(None, ge=1, description="query budget N (paper: 1000); the last round holds the remainder")
     epochs: int | None = Field(None, ge=1, description="epochs per round (unset = the trainer's setting; paper: 1)")
     seed: int | None = Field(
         None, description="the run's seed: query plan, sampling, LoRA init and batch order (unset = each service's setting)"
     )
     max_staleness: int | None = Field(
-        0, ge=0, description="adapter versions a trained sample may lag behind the on-policy one; 0 = on-policy as the "
+        0,
+        ge=0,
+        description="adapter versions a trained sample may lag behind the on-policy one; 0 = on-policy as the "
         "paper (stale samples are counted and dropped by the trainer); None = train on any",
     )
     rope: RopeConfig | None = Field(
-        None, description="the run's one RoPE setting (paper 3.6); every service refuses a run that differs from its own "
+        None,
+        description="the run's one RoPE setting (paper 3.6); every service refuses a run that differs from its own "
         "(None = recorded before runs carried it: not checked)",
     )
 

@@ -172,9 +172,7 @@ class ScoreGroup(BaseModel):
     @model_validator(mode="after")
     def _one_finish_reason_per_response(self) -> "ScoreGroup":
         if self.finish_reasons is not None and len(self.finish_reasons) != len(self.responses):
-            raise ValueError(
-                f"finish_reasons has {len(self.finish_reasons)} entries for {len(self.responses)} responses"
-            )
+            raise ValueError(f"finish_reasons has {len(self.finish_reasons)} entries for {len(self.responses)} responses")
         return self
 
 

@@ -139,7 +139,9 @@ class ServiceSettings(BaseSettings):
         for old, new in cls.renamed.items() if isinstance(data, dict) else ():
             value = data.pop(old, None) or os.environ.get(f"{prefix}{old.upper()}")
             if value is not None:
-                warnings.warn(f"{old} ({prefix}{old.upper()}) is deprecated: use {new} ({prefix}{new.upper()})", FutureWarning, stacklevel=2)
+                warnings.warn(
+                    f"{old} ({prefix}{old.upper()}) is deprecated: use {new} ({prefix}{new.upper()})", FutureWarning, stacklevel=2
+                )
                 data.setdefault(new, value)
         return data
 

@@ -95,14 +95,46 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # head_dim 32: the minimum vLLM's CPU attention accepts.
     "tiny": Preset(
-        vocab_size=4000, hidden=128, heads=4, kv_heads=2, layers=2, intermediate=256, window=2048,
-        encoder_hidden=128, encoder_layers=2, encoder_heads=4, encoder_intermediate=256, encoder_positions=8194,
-        seq_len=256, batch=8, general_steps=40, domain_steps=20, general_lr=6e-3, domain_lr=2e-3, threads=1,
+        vocab_size=4000,
+        hidden=128,
+        heads=4,
+        kv_heads=2,
+        layers=2,
+        intermediate=256,
+        window=2048,
+        encoder_hidden=128,
+        encoder_layers=2,
+        encoder_heads=4,
+        encoder_intermediate=256,
+        encoder_positions=8194,
+        seq_len=256,
+        batch=8,
+        general_steps=40,
+        domain_steps=20,
+        general_lr=6e-3,
+        domain_lr=2e-3,
+        threads=1,
     ),
     "small": Preset(
-        vocab_size=16000, hidden=512, heads=8, kv_heads=4, layers=8, intermediate=1408, window=2048,
-        encoder_hidden=256, encoder_layers=4, encoder_heads=4, encoder_intermediate=1024, encoder_positions=8194,
-        seq_len=256, batch=4, general_steps=30, domain_steps=15, general_lr=2e-3, domain_lr=1e-3, threads=None,
+        vocab_size=16000,
+        hidden=512,
+        heads=8,
+        kv_heads=4,
+        layers=8,
+        intermediate=1408,
+        window=2048,
+        encoder_hidden=256,
+        encoder_layers=4,
+        encoder_heads=4,
+        encoder_intermediate=1024,
+        encoder_positions=8194,
+        seq_len=256,
+        batch=4,
+        general_steps=30,
+        domain_steps=15,
+        general_lr=2e-3,
+        domain_lr=1e-3,
+        threads=None,
     ),
 }
 
@@ -119,8 +151,14 @@ class ModelSet:
     @classmethod
     def at(cls, root: Path) -> ModelSet:
         """The standard layout of a built set; the general model is also the starting policy."""
-        return cls(root=root, tokenizer=root / "tokenizer", policy=root / "general", general=root / "general",
-                   domain=root / "domain", embedding=root / "embedding")
+        return cls(
+            root=root,
+            tokenizer=root / "tokenizer",
+            policy=root / "general",
+            general=root / "general",
+            domain=root / "domain",
+            embedding=root / "embedding",
+        )
 
     def as_dict(self) -> dict[str, str]:
         """Model name -> path (the root is not a model and is left out)."""
@@ -373,14 +411,19 @@ def _build_models(out: Path, preset_name: str, preset: Preset) -> dict[str, Any]
     general_blocks = _blocks(hf_policy_tok, general_texts(), preset.seq_len)
     general_losses = _pretrain(general, general_blocks, preset.general_steps, preset.batch, preset.general_lr, SEED)
     _save_causal_lm(general, hf_policy_tok, out / "general")
-    log.info("event=general_trained steps=%d loss_first=%.3f loss_last=%.3f",
-             len(general_losses), general_losses[0], general_losses[-1])
+    log.info(
+        "event=general_trained steps=%d loss_first=%.3f loss_last=%.3f",
+        len(general_losses),
+        general_losses[0],
+        general_losses[-1],
+    )
 
     domain_blocks = _blocks(hf_policy_tok, domain_texts(), preset.seq_len)
     domain_losses = _pretrain(general, domain_blocks, preset.domain_steps, preset.batch, preset.domain_lr, SEED + 1)
     _save_causal_lm(general, hf_policy_tok, out / "domain")
-    log.info("event=domain_trained steps=%d loss_first=%.3f loss_last=%.3f",
-             len(domain_losses), domain_losses[0], domain_losses[-1])
+    log.info(
+        "event=domain_trained steps=%d loss_first=%.3f loss_last=%.3f", len(domain_losses), domain_losses[0], domain_losses[-1]
+    )
 
     encoder_params = _build_encoder(texts, preset, out / "embedding")
     seconds = time.perf_counter() - started
@@ -388,8 +431,7 @@ def _build_models(out: Path, preset_name: str, preset: Preset) -> dict[str, Any]
     return {
         "preset": preset_name,
         "build_seconds": round(seconds, 2),
-        "parameters": {"general": general.num_parameters(), "domain": general.num_parameters(),
-                       "embedding": encoder_params},
+        "parameters": {"general": general.num_parameters(), "domain": general.num_parameters(), "embedding": encoder_params},
         "losses": {"general": [general_losses[0], general_losses[-1]], "domain": [domain_losses[0], domain_losses[-1]]},
         "layout": {name: str(Path(path).relative_to(out)) for name, path in ModelSet.at(out).as_dict().items()},
     }
@@ -415,10 +457,12 @@ def _train_bpe(texts: list[str], vocab_size: int, special_tokens: tuple[str, ...
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -539,8 +583,13 @@ def _build_encoder(texts: list[str], preset: Preset, path: Path) -> int:
     )
     hf_tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        bos_token="<s>", eos_token="</s>", cls_token="<s>", sep_token="</s>",
-        pad_token="<pad>", unk_token="<unk>", mask_token="<mask>",
+        bos_token="<s>",
+        eos_token="</s>",
+        cls_token="<s>",
+        sep_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
         model_max_length=preset.encoder_positions - 2,
         clean_up_tokenization_spaces=False,
     )

@@ -49,8 +49,6 @@ def tiny_models():
     return ensure_model_set("tiny")
 
 
-
-
 # A test that uses one of these starts real processes or loads models: it is an integration test.
 INTEGRATION_FIXTURES = {
     "redis_url", "redis_client", "tiny_models", "rollout_service", "reward_service", "reward_scorer",

@@ -295,8 +295,11 @@ def test_eval_context_builds_its_options_and_refuses_bad_values(monkeypatch, tmp
     argv = ["eval", "context", "--model", "m", "--out", str(tmp_path), "--factors", "1, 2", "--methods", "yarn", "--texts", "1"]
     out, seen = _invoke(monkeypatch, "services.orchestrator.context", "run_context", argv, write)
     assert out.exit_code == 0 and "| table |" in out.output, out.output
-    assert seen == [ContextOptions(model="m", out_dir=tmp_path, factors=[1.0, 2.0], methods=["yarn"], texts=1,
-                                   queries=Path("data/test_queries.jsonl"))]  # the CLI default, not DATA_DIR
+    assert seen == [
+        ContextOptions(
+            model="m", out_dir=tmp_path, factors=[1.0, 2.0], methods=["yarn"], texts=1, queries=Path("data/test_queries.jsonl")
+        )
+    ]  # the CLI default, not DATA_DIR
     argv = ["eval", "context", "--preset", "tiny", "--out", str(tmp_path)]
     out, seen = _invoke(monkeypatch, "services.orchestrator.context", "run_context", argv, write)
     assert out.exit_code == 0, out.output
@@ -304,5 +307,7 @@ def test_eval_context_builds_its_options_and_refuses_bad_values(monkeypatch, tmp
     assert seen[0].factors == [1.0, 2.0, 4.0] and seen[0].methods == ["extrapolation", "dynamic", "yarn"]
     for argv, message in ((["--methods", "yarn,bogus"], "unknown ['bogus']; choose from extrapolation, dynamic, yarn"),
                           (["--factors", "1,x"], "could not convert"), (["--preset", "huge"], "huge")):  # fmt: skip
-        out, seen = _invoke(monkeypatch, "services.orchestrator.context", "run_context", ["eval", "context", "--model", "m", *argv])
+        out, seen = _invoke(
+            monkeypatch, "services.orchestrator.context", "run_context", ["eval", "context", "--model", "m", *argv]
+        )
         assert out.exit_code == 2 and message in _text(out) and not seen, out.output

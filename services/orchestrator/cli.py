@@ -32,7 +32,9 @@ def up(
     policy_model: Optional[str] = typer.Option(None, help="policy model folder (default: settings / tiny set)"),
     adapter_root: Optional[Path] = typer.Option(None, help="adapter store (default: <stack-dir>/adapters)"),
     run_root: Optional[Path] = typer.Option(None, help="run folders (default: runs)"),
-    rollout_replicas: int = typer.Option(1, min=1, help="rollout services, each with its own vLLM; runs spread sampling over them"),
+    rollout_replicas: int = typer.Option(
+        1, min=1, help="rollout services, each with its own vLLM; runs spread sampling over them"
+    ),
 ) -> None:
     """Start the stack, print its URLs, restart services that die; Ctrl-C stops everything."""
     import logging
@@ -70,8 +72,10 @@ def run(
     responses: int = typer.Option(8, "--responses", "-m", help="m responses per query (paper: 8)"),
     loss: str = typer.Option("grace_kto", help="grace_kto, or a baseline: kto, dpo, orpo, sft, grpo"),
     offline: bool = typer.Option(
-        False, "--offline", help="GRACE (offline): N queries generated once, sampled once from the starting policy, "
-        "calibrated as one dataset, trained --epochs epochs"
+        False,
+        "--offline",
+        help="GRACE (offline): N queries generated once, sampled once from the starting policy, "
+        "calibrated as one dataset, trained --epochs epochs",
     ),
     epochs: Optional[int] = typer.Option(None, min=1, help="epochs per round (default: the trainer's setting, 1)"),
     stack_dir: Path = typer.Option(Path("runs/stack"), help="folder of the running stack (its stack.json)"),
@@ -107,7 +111,9 @@ def rollout_iteration(
     run_id: Optional[str] = typer.Option(None, help="run id (default: settings.run_id)"),
     k: Optional[int] = typer.Option(None, help="K queries (default: the run's config, else settings)"),
     m: Optional[int] = typer.Option(None, help="m responses per query (default: the run's config, else settings)"),
-    offline: Optional[bool] = typer.Option(None, "--offline/--online", help="the offline round: K queries generated once (source offline)"),
+    offline: Optional[bool] = typer.Option(
+        None, "--offline/--online", help="the offline round: K queries generated once (source offline)"
+    ),
     gateway_url: Optional[str] = typer.Option(None, help="rollout gateway URL (default: settings.gateway_url)"),
 ) -> None:
     """Runs one rollout worker iteration: plan K queries, sample m responses each, publish the groups."""

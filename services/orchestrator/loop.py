@@ -271,7 +271,8 @@ class SemiOnlineRun:
             table,
             "Parse rate: " + ", ".join(f"{label} {_fmt(values[label].get('parse_rate'), 2)}" for label in labels) + "\n",
             "Truncation rate (finish_reason `length`): "
-            + ", ".join(f"{label} {_fmt(values[label].get('truncation_rate'), 2)}" for label in labels) + "\n",
+            + ", ".join(f"{label} {_fmt(values[label].get('truncation_rate'), 2)}" for label in labels)
+            + "\n",
             "![z-scores during training](progress_zscores.png)\n",
             "## What each iteration trained on (`samples/iter-NNNN.jsonl`)\n",
             training_data_table(self.state.iterations),

@@ -108,7 +108,6 @@ def _judge_part(value: str) -> str:
     return value
 
 
-
 @dataclass
 class EvalOptions:
     policies: list[PolicySpec] = opt(
@@ -124,13 +123,19 @@ class EvalOptions:
                                  envvar="GRACE_EVAL_REWARD_URL", parse=or_none)  # fmt: skip
     judge_url: str | None = opt(None, "judge service; unset = the GRACE_JUDGE_* backend directly", envvar="GRACE_EVAL_JUDGE_URL")
     judge: bool = opt(True, "run the LLM judge (Table 2)")
-    rollout_api_key: str | None = opt(None, "bearer key of the rollout service", envvar=["GRACE_EVAL_ROLLOUT_API_KEY", "GRACE_API_KEY"])
-    reward_api_key: str | None = opt(None, "bearer key of the reward service", envvar=["GRACE_EVAL_REWARD_API_KEY", "GRACE_API_KEY"])
+    rollout_api_key: str | None = opt(
+        None, "bearer key of the rollout service", envvar=["GRACE_EVAL_ROLLOUT_API_KEY", "GRACE_API_KEY"]
+    )
+    reward_api_key: str | None = opt(
+        None, "bearer key of the reward service", envvar=["GRACE_EVAL_REWARD_API_KEY", "GRACE_API_KEY"]
+    )
     judge_api_key: str | None = opt(None, "bearer key of the judge service", envvar=["GRACE_EVAL_JUDGE_API_KEY", "GRACE_API_KEY"])
     n: int = opt(1, "responses per query and policy")
     temperature: float = 0.7
     top_p: float = 0.95
-    max_tokens: int | None = opt(None, "largest response, in tokens (default: the served window minus the prompt, as in sampling)")
+    max_tokens: int | None = opt(
+        None, "largest response, in tokens (default: the served window minus the prompt, as in sampling)"
+    )
     seed: int | None = opt(0, "sampling seed (query i uses seed + i)")
     concurrency: int = opt(8, "generation requests at once")
     judge_part: str = opt("answer", "answer: judge the <answer> document when parsed; full: the whole text", parse=_judge_part)

@@ -162,7 +162,9 @@ def load_shape(spec: str, role: str = "policy") -> ModelShape:
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.exists():
         raise ValueError(f"{spec!r}: not a preset ({', '.join(MODEL_PRESETS)}, tiny, small) nor a config.json folder")
-    return ModelShape.from_config(json.loads(config_file.read_text()), name=f"{spec} ({role})" if key in ("tiny", "small") else spec)
+    return ModelShape.from_config(
+        json.loads(config_file.read_text()), name=f"{spec} ({role})" if key in ("tiny", "small") else spec
+    )
 
 
 # --------------------------------------------------------------------------- formulas
@@ -766,7 +768,6 @@ def _short(v: Any) -> str:
 
 def plan_json(plan: Plan) -> str:
     return json.dumps(plan.summary(), separators=(",", ":"))
-
 
 
 # --------------------------------------------------------------------------- the demo's setting

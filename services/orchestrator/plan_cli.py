@@ -21,8 +21,11 @@ def _split(value: str | None) -> tuple[int, int, int] | None:
 
 
 def plan(
-    policy: str = typer.Option("qwen2.5-7b", help="policy: a config.json folder, a preset (qwen2.5-7b, qwen2.5-1.5b, "
-                               "qwen2.5-0.5b, llama-3.1-8b) or tiny/small (the local model set)"),
+    policy: str = typer.Option(
+        "qwen2.5-7b",
+        help="policy: a config.json folder, a preset (qwen2.5-7b, qwen2.5-1.5b, "
+        "qwen2.5-0.5b, llama-3.1-8b) or tiny/small (the local model set)",
+    ),
     general: Optional[str] = typer.Option(None, help="M_G (default: the policy's spec)"),
     domain: Optional[str] = typer.Option(None, help="M_D (default: the policy's spec)"),
     encoder: Optional[str] = typer.Option(None, help="BGE-M3-format encoder (default: bge-m3, or the local set's)"),
@@ -43,7 +46,9 @@ def plan(
     peak_tflops: Optional[float] = typer.Option(None, help="custom device: dense bf16 TFLOP/s"),
     bandwidth_gbs: Optional[float] = typer.Option(None, help="custom device: memory bandwidth, GB/s"),
     memory_gb: Optional[float] = typer.Option(None, help="custom device: memory per GPU, GB"),
-    measure_cpu: bool = typer.Option(False, "--measure-cpu", help="measure this CPU (matmul FLOP/s, copy bandwidth) and plan on it"),
+    measure_cpu: bool = typer.Option(
+        False, "--measure-cpu", help="measure this CPU (matmul FLOP/s, copy bandwidth) and plan on it"
+    ),
     demo: bool = typer.Option(False, "--demo", help="the setting of `grace demo` (tiny set, K=8, m=8, 3 iterations) on this CPU"),
     compare: Optional[Path] = typer.Option(None, help="a run folder (or its metrics.jsonl): measured / predicted iteration time"),
     out: Optional[Path] = typer.Option(None, help="also write the Markdown table here"),

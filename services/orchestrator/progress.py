@@ -141,7 +141,10 @@ def wait_for_adapter(
             last = epoch.cursor(last, on_restart)
             while True:
                 status, last = find_payload(
-                    client, STREAM_ADAPTERS, lambda p: isinstance(p, AdapterStatus) and p.run_id == run_id and p.version == version, last
+                    client,
+                    STREAM_ADAPTERS,
+                    lambda p: isinstance(p, AdapterStatus) and p.run_id == run_id and p.version == version,
+                    last,
                 )
                 if status is None:
                     break

@@ -23,9 +23,7 @@ class PlannedQuery:
     source: QuerySource = "generated"
 
 
-def accept_queries(
-    candidates: list[str], seen: set[str], *, limit: int, min_chars: int = 8, max_chars: int = 4000
-) -> list[str]:
+def accept_queries(candidates: list[str], seen: set[str], *, limit: int, min_chars: int = 8, max_chars: int = 4000) -> list[str]:
     """New candidates, in order, at most ``limit``; adds their keys to ``seen``."""
     accepted = []
     for candidate in candidates:

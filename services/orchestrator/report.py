@@ -128,9 +128,7 @@ def rank_table(
     are shown without ranks and take no part in the others' ranks.
     """
     ranked = [m for m in methods if m not in unranked]
-    col_ranks = {
-        c.key: dict(zip(ranked, ranks([values[m].get(c.key) for m in ranked], c.higher_is_better))) for c in columns
-    }
+    col_ranks = {c.key: dict(zip(ranked, ranks([values[m].get(c.key) for m in ranked], c.higher_is_better))) for c in columns}
     avg_rank = dict(zip(ranked, average_ranks([[col_ranks[c.key][m] for m in ranked] for c in columns])))
     header = [method_title] + [c.title for c in columns] + ([average_title] if average_title else []) + ["Avg. Rank"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":---:"] * (len(header) - 1)) + "|"]

@@ -86,7 +86,9 @@ def check_score_limits(body: ScoreRequest, s: RewardSettings) -> None:
             errors.append(field_error(("groups", g, "query"), f"query longer than {s.max_query_chars} characters"))
         if len(group.responses) > s.max_responses:
             errors.append(
-                field_error(("groups", g, "responses"), f"at most {s.max_responses} responses per group, got {len(group.responses)}")
+                field_error(
+                    ("groups", g, "responses"), f"at most {s.max_responses} responses per group, got {len(group.responses)}"
+                )
             )
         for r, text in enumerate(group.responses[: s.max_responses]):
             if len(text) > s.max_response_chars:
@@ -110,12 +112,16 @@ def check_get_reward_limits(body: GetRewardRequest, s: RewardSettings) -> None:
         first.setdefault(prompt, i)
         sizes[prompt] = sizes.get(prompt, 0) + 1
     if len(first) > s.max_groups:
-        errors.append(field_error(("prompts",), f"at most {s.max_groups} distinct prompts (groups) per request, got {len(first)}"))
+        errors.append(
+            field_error(("prompts",), f"at most {s.max_groups} distinct prompts (groups) per request, got {len(first)}")
+        )
     for prompt, i in list(first.items())[: s.max_groups]:
         if len(prompt) > s.max_query_chars:
             errors.append(field_error(("prompts", i), f"prompt longer than {s.max_query_chars} characters"))
         if sizes[prompt] > s.max_responses:
-            errors.append(field_error(("prompts", i), f"{sizes[prompt]} samples share this prompt; at most {s.max_responses} per group"))
+            errors.append(
+                field_error(("prompts", i), f"{sizes[prompt]} samples share this prompt; at most {s.max_responses} per group")
+            )
     for i, (query, prompt) in enumerate(zip(body.query, body.prompts)):
         if query.startswith(prompt) and len(query) - len(prompt) > s.max_response_chars:
             errors.append(field_error(("query", i), f"response longer than {s.max_response_chars} characters"))

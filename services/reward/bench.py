@@ -102,7 +102,9 @@ def make_workload(tokenizer, queries: int, m: int, min_doc: int, max_doc: int, s
 # --------------------------------------------------------------------------- naive path
 
 
-def evaluate_style_perplexity(model, tokenizer, texts: list[str], prefix_id: int, max_length: int, batch_size: int) -> list[float]:
+def evaluate_style_perplexity(
+    model, tokenizer, texts: list[str], prefix_id: int, max_length: int, batch_size: int
+) -> list[float]:
     """Hugging Face evaluate's `perplexity` metric: one padding for the whole dataset, truncation, full logits."""
     encodings = tokenizer(
         texts, add_special_tokens=False, padding=True, truncation=True, max_length=max_length - 1,
@@ -158,7 +160,9 @@ def naive_score(nm: NaiveModels, groups: list[tuple[str, list[str]]], n: int, ba
     for key, passages, weights in (("s", [p.summary for _, _, p in flat], M.SUMMARY_WEIGHTS), ("d", docs, M.DOCUMENT_WEIGHTS)):
         pairs = [(groups[g][0], text) for (g, _, _), text in zip(flat, passages)]
         out = nm.flag.compute_score(pairs, max_passage_length=8192, weights_for_different_modes=list(weights))
-        scores[key] = [weights[0] * d + weights[1] * s + weights[2] * c for d, s, c in zip(out["dense"], out["sparse"], out["colbert"])]
+        scores[key] = [
+            weights[0] * d + weights[1] * s + weights[2] * c for d, s, c in zip(out["dense"], out["sparse"], out["colbert"])
+        ]
     result: list[list[Metrics | None]] = [[None] * len(ps) for ps in parts]
     for k, (g, i, p) in enumerate(flat):
         tokens = nm.tokenizer(p.answer, add_special_tokens=False)["input_ids"]
@@ -223,7 +227,9 @@ def run_bench(
         scorer = Scorer(settings)
         naive = load_naive(models, scorer.prefix_id, scorer.window)
     groups = make_workload(scorer.tokenizer, queries, responses, 300, max_doc_tokens, seed)
-    doc_tokens = [len(scorer.tokenizer(extract_structured(r).answer, add_special_tokens=False)["input_ids"]) for _, rs in groups for r in rs]
+    doc_tokens = [
+        len(scorer.tokenizer(extract_structured(r).answer, add_special_tokens=False)["input_ids"]) for _, rs in groups for r in rs
+    ]
     warm_up = [(groups[0][0], groups[0][1][:1])]  # both paths: allocator, kernels, lazy init
     scorer.score(warm_up)
     naive_score(naive, warm_up, settings.ngram_n, naive_batch)
@@ -328,4 +334,3 @@ if __name__ == "__main__":
     from services.reward.cli import bench
 
     typer.run(bench)
-

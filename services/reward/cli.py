@@ -79,9 +79,11 @@ def bench(
     models: Path = typer.Option(None, help="an already built model set folder (default: the cached preset set)"),
     dtype: str = typer.Option("auto", help="service path dtype: auto (bf16 where the CPU has it), bf16, fp32"),
     threads: int = typer.Option(
-        1, min=0, help="torch threads for both paths and the matmul bound (0 = torch default); on a shared "
+        1,
+        min=0,
+        help="torch threads for both paths and the matmul bound (0 = torch default); on a shared "
         "machine 1 avoids OpenMP threads waiting on a preempted peer",
-    ),  # fmt: skip
+    ),
     out_dir: Path = typer.Option(None, help="run folder for the table and JSON (default: runs/bench-reward-<time>)"),
     seed: int = typer.Option(0),
     load: bool = typer.Option(False, "--load", help="load test: concurrent clients against POST /v1/score"),

@@ -170,7 +170,12 @@ class BgeM3Encoder:
             positions -= (config.pad_token_id or 0) + 1  # RoBERTa position ids start after the pad id
         tok_max = self.tokenizer.model_max_length if self.tokenizer.model_max_length < 10**7 else positions
         self.max_length = min(max_length or positions, positions, tok_max)
-        special = [self.tokenizer.cls_token_id, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.tokenizer.unk_token_id]
+        special = [
+            self.tokenizer.cls_token_id,
+            self.tokenizer.eos_token_id,
+            self.tokenizer.pad_token_id,
+            self.tokenizer.unk_token_id,
+        ]
         self.skip = {t for t in special if t is not None}
         self.pad_id = self.tokenizer.pad_token_id
         self.layers, self.hidden = config.num_hidden_layers, hidden
@@ -294,9 +299,7 @@ class Scorer:
         """Metrics per response (None = unparsed) for (query, responses) groups."""
         return self.score_with_stats(groups)[0]
 
-    def score_with_stats(
-        self, groups: Sequence[tuple[str, Sequence[str]]]
-    ) -> tuple[list[list[Metrics | None]], ComputeStats]:
+    def score_with_stats(self, groups: Sequence[tuple[str, Sequence[str]]]) -> tuple[list[list[Metrics | None]], ComputeStats]:
         with self.slots:
             started = time.perf_counter()
             stats = ComputeStats()
@@ -361,4 +364,3 @@ def score_response(
             for (query, metrics), cal in zip(groups, calibrated)
         ]
     )
-

@@ -35,6 +35,7 @@ end
 return added
 """
 
+
 @dataclass
 class ScoredGroup:
     group: RolloutGroup

@@ -42,12 +42,23 @@ def weighted_samples(scored: list[ScoredGroup], degenerate_groups: DegenerateGro
         for i, (text, c) in enumerate(zip(g.responses, results)):
             samples.append(
                 WeightedSample(
-                    run_id=g.run_id, iteration=g.iteration, sample_id=f"{g.group_id}:{i}", group_id=g.group_id,
-                    response_index=i, query=g.query, response=text, weight=c.weight,
-                    label="desirable" if c.desirable else "undesirable", parsed=c.parsed, z=c.z, rank_sum=c.rank_sum,
-                    metrics=s.metrics[i], finish_reason=finish[i], adapter_version=g.adapter_version,
+                    run_id=g.run_id,
+                    iteration=g.iteration,
+                    sample_id=f"{g.group_id}:{i}",
+                    group_id=g.group_id,
+                    response_index=i,
+                    query=g.query,
+                    response=text,
+                    weight=c.weight,
+                    label="desirable" if c.desirable else "undesirable",
+                    parsed=c.parsed,
+                    z=c.z,
+                    rank_sum=c.rank_sum,
+                    metrics=s.metrics[i],
+                    finish_reason=finish[i],
+                    adapter_version=g.adapter_version,
                     query_source=g.query_source,
-                )  # fmt: skip
+                )
             )
     return samples
 
@@ -62,9 +73,7 @@ def samples_health(samples: list[WeightedSample]) -> GroupHealth:
 
 
 class RewardWorker:
-    def __init__(
-        self, client: redis.Redis, score: ScoreFn, settings: RewardSettings, telemetry: Telemetry | None = None
-    ):
+    def __init__(self, client: redis.Redis, score: ScoreFn, settings: RewardSettings, telemetry: Telemetry | None = None):
         self.client = client
         self.score = score
         self.settings = settings

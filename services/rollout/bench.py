@@ -221,7 +221,7 @@ def bench_preset(preset: str, config: BenchConfig) -> dict:
             swaps = [
                 _swap_latency(service_url, api_key, client, lora, f"swap-{i}", i + 1, config.lora_rank)
                 for i in range(config.swaps)
-            ]  # fmt: skip
+            ]
             result["swap_latency_s"] = {"median": statistics.median(swaps), "max": max(swaps), "all": swaps}
             admin = httpx.get(service_url + "/admin/adapters", headers={"authorization": f"Bearer {api_key}"}).json()
             adapter_model, adapter_path = admin["current"]["model"], admin["current"]["path"]

@@ -64,7 +64,8 @@ class RolloutSettings(ServiceSettings):
 
     # ---------------------------------------------------------------- worker (paper 3.2-3.3)
     gateway_url: str | None = Field(
-        None, description="OpenAI base URL the worker samples from, or several comma-separated (rollout replicas: groups "
+        None,
+        description="OpenAI base URL the worker samples from, or several comma-separated (rollout replicas: groups "
         "are spread over them round-robin); unset = http://127.0.0.1:<port>",
     )
     generator_base_url: str | None = Field(None, description="query generator endpoint (unset = the gateway)")
@@ -89,7 +90,8 @@ class RolloutSettings(ServiceSettings):
     temperature: float = 1.0
     top_p: float = Field(0.95, description="top-p of the m responses (paper 3.3)")
     max_tokens: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="fixed cap on a response, in tokens; unset = the served window minus the prompt, per request "
         "(a cap under the documents' length would cut the long answers eq. 5 rewards and train them as negatives)",
     )

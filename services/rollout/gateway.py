@@ -78,7 +78,10 @@ def create_app(
     install_error_handlers(app)
     authorized = [Depends(bearer_key(settings.api_key_value()))]
     auth_errors = error_responses(401) if settings.api_key_value() else {}
-    status = {"type": "object", "properties": {"status": {"enum": ["ok", "starting", "unavailable"]}, "policy": {"type": "string"}}}
+    status = {
+        "type": "object",
+        "properties": {"status": {"enum": ["ok", "starting", "unavailable"]}, "policy": {"type": "string"}},
+    }
     unhealthy = {"description": "starting, or vLLM unhealthy", "content": {"application/json": {"schema": status}}}
     # The proxied routes: the gateway reads `model` and `n`, vLLM the rest of the body (its own contract).
     proxied_body = {"type": "object", "additionalProperties": True, "properties": {

@@ -42,7 +42,9 @@ def sft(
     base: str = typer.Option(None, help="base model folder (default: GRACE_TRAINER_POLICY_MODEL or the tiny policy)"),
     mode: str = typer.Option("full", help="full (all parameters, the paper's SFT) or lora (merged after training)"),
     epochs: int = typer.Option(None, help="passes over the data (default: 1 as the paper; 50 for models under 10M parameters)"),
-    lr: float = typer.Option(None, help="peak learning rate (default: 1e-6 full / 1e-4 LoRA as the paper; 1e-2 under 10M parameters)"),
+    lr: float = typer.Option(
+        None, help="peak learning rate (default: 1e-6 full / 1e-4 LoRA as the paper; 1e-2 under 10M parameters)"
+    ),
     max_steps: int = typer.Option(None, help="stop after this many optimizer steps"),
     batch_size: int = typer.Option(None, help="examples per step (default: 8; 4 under 10M parameters)"),
     max_length: int = typer.Option(2048, help="longest example in tokens (longer responses are cut)"),
@@ -54,7 +56,8 @@ def sft(
     ),
     tag_weight: float = typer.Option(None, help="loss weight of the structure tags (default: 1; 5 under 10M parameters)"),
     target_tag_rate: float = typer.Option(
-        None, help="train in rounds until this share of sampled seed-query answers parses (default: off; 0.9 under 10M parameters)"
+        None,
+        help="train in rounds until this share of sampled seed-query answers parses (default: off; 0.9 under 10M parameters)",
     ),
     max_rounds: int = typer.Option(None, help="most rounds of --epochs epochs (default: 1; 2 under 10M parameters)"),
     query_generation_examples: int = typer.Option(
@@ -79,7 +82,9 @@ def sft(
                                 max_rounds=max_rounds, query_generation_examples=query_generation_examples,
                                 rope=RopeConfig.model_validate_json(rope) if rope else None))  # fmt: skip
     rate = "" if result["tag_rate"] is None else f" tag_rate={result['tag_rate']:.2f}"
-    typer.echo(f"policy {result['out']} steps={result['steps']} rounds={len(result['rounds'])} final_loss={result['final_loss']:.4f}{rate}")
+    typer.echo(
+        f"policy {result['out']} steps={result['steps']} rounds={len(result['rounds'])} final_loss={result['final_loss']:.4f}{rate}"
+    )
     typer.echo(json.dumps(result, default=str))
 
 

@@ -28,14 +28,19 @@ class TrainerSettings(ServiceSettings):
     beta: float = Field(0.05, gt=0, description="beta of eq. 11 (paper 4.1: 0.05); also DPO's beta")
     sft_weight: float = Field(0.1, ge=0, description="mu: weight of the auxiliary SFT loss on positives (paper 4.1: 0.1)")
     lambda_mode: Literal["balanced", "fixed"] = Field(
-        "balanced", description="balanced: lambda+|Omega+| = lambda-|Omega-| from the iteration's counts; fixed: use the values below"
+        "balanced",
+        description="balanced: lambda+|Omega+| = lambda-|Omega-| from the iteration's counts; fixed: use the values below",
     )
     lambda_desirable: float = Field(1.0, gt=0, description="lambda+ when lambda_mode=fixed")
     lambda_undesirable: float = Field(1.0, gt=0, description="lambda- when lambda_mode=fixed")
     orpo_alpha: float = Field(0.1, gt=0, description="ORPO's weight of the odds-ratio term")
-    grpo_epsilon: float = Field(0.2, gt=0, lt=1, description="GRPO's PPO clip: the ratio to the sampling policy is kept in [1-eps, 1+eps]")
+    grpo_epsilon: float = Field(
+        0.2, gt=0, lt=1, description="GRPO's PPO clip: the ratio to the sampling policy is kept in [1-eps, 1+eps]"
+    )
     grpo_beta_kl: float = Field(
-        0.0, ge=0, description="GRPO's weight of the k3 KL term to the reference (base model); 0 skips the reference pass (TRL's default)"
+        0.0,
+        ge=0,
+        description="GRPO's weight of the k3 KL term to the reference (base model); 0 skips the reference pass (TRL's default)",
     )
 
     # ---- optimization (paper 4.1)
@@ -78,13 +83,15 @@ class TrainerSettings(ServiceSettings):
         "auto", description="auto: bf16 on CUDA, fp32 on CPU (bf16 autocast on CPU is measured by `grace bench trainer`)"
     )
     attn_implementation: str = Field(
-        "auto", description="auto: on CUDA flash_attention_2 when importable, else grace_fused_sdpa (SDPA's fused kernels); sdpa on CPU",
+        "auto",
+        description="auto: on CUDA flash_attention_2 when importable, else grace_fused_sdpa (SDPA's fused kernels); sdpa on CPU",
     )
     gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", description="auto: on with CUDA, off on CPU")
     # yarn_factor, native_window, rope_scope (ServiceSettings, ``common:``): YaRN is applied at load only with
     # rope_scope=inference_and_training; the default (paper 3.6) trains with the model's native RoPE
     deepspeed: Path | None = Field(
-        None, description="DeepSpeed JSON config (services/trainer/deepspeed/zero2.json or zero3.json) under the deepspeed launcher"
+        None,
+        description="DeepSpeed JSON config (services/trainer/deepspeed/zero2.json or zero3.json) under the deepspeed launcher",
     )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (unset = torch's default)")
 

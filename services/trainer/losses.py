@@ -52,9 +52,7 @@ def grace_kto_loss(
     """The batch mean of eq. 11: |W| * lambda(W) * (1 - sigmoid(beta * y(W) * ((pi - pi_ref) - z_ref))).
 
     ``num_sequences``: the batch's size when these are a micro-batch of it (the sum is divided by it)."""
-    terms = grace_kto_losses(
-        policy_logps, reference_logps, weights, z_ref, beta, lambda_desirable, lambda_undesirable
-    )
+    terms = grace_kto_losses(policy_logps, reference_logps, weights, z_ref, beta, lambda_desirable, lambda_undesirable)
     return terms.sum() / (num_sequences if num_sequences is not None else max(terms.numel(), 1))
 
 
@@ -123,7 +121,9 @@ def kto_loss(
 ) -> torch.Tensor:
     """Binary KTO (Ethayarajh et al. 2024, eq. 7-8): GRACE-KTO with |W| = 1 (sign only)."""
     weights = torch.where(desirable.bool(), 1.0, -1.0).to(policy_logps.device)
-    return grace_kto_loss(policy_logps, reference_logps, weights, z_ref, beta, lambda_desirable, lambda_undesirable, num_sequences)
+    return grace_kto_loss(
+        policy_logps, reference_logps, weights, z_ref, beta, lambda_desirable, lambda_undesirable, num_sequences
+    )
 
 
 def sft_loss(logps: torch.Tensor, token_counts: torch.Tensor | None = None, *, num_tokens: float | None = None) -> torch.Tensor:

@@ -197,7 +197,9 @@ def lora_config(settings: TrainerSettings) -> Any:
     )
 
 
-def load_policy(settings: TrainerSettings, runtime: Runtime | None = None, base_path: str | Path | None = None) -> tuple[Any, Any, Runtime]:
+def load_policy(
+    settings: TrainerSettings, runtime: Runtime | None = None, base_path: str | Path | None = None
+) -> tuple[Any, Any, Runtime]:
     """(peft model with a fresh LoRA adapter, tokenizer, runtime)."""
     from peft import get_peft_model
 

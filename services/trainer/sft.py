@@ -38,7 +38,16 @@ from shared.tiny_models import STRUCTURE_TAGS
 log = logging.getLogger(__name__)
 
 # Paper 4.1: full-parameter SFT, one epoch, lr 1e-6 (LoRA SFT: a LoRA-sized lr).
-_PAPER = {"epochs": 1, "batch_size": 8, "section_tokens": 0, "answer_tokens": 0, "tag_weight": 1.0, "target_tag_rate": 0.0, "max_rounds": 1, "query_generation_examples": 0}
+_PAPER = {
+    "epochs": 1,
+    "batch_size": 8,
+    "section_tokens": 0,
+    "answer_tokens": 0,
+    "tag_weight": 1.0,
+    "target_tag_rate": 0.0,
+    "max_rounds": 1,
+    "query_generation_examples": 0,
+}
 PAPER_DEFAULTS = {"full": {**_PAPER, "lr": 1e-6}, "lora": {**_PAPER, "lr": 1e-4}}
 # Models under SMALL_MODEL_PARAMS (the local tiny preset) need far more updates, and short sections:
 # such a model cannot write a coherent long document, so on full-length examples its greedy output loops
@@ -46,7 +55,17 @@ PAPER_DEFAULTS = {"full": {**_PAPER, "lr": 1e-6}, "lora": {**_PAPER, "lr": 1e-4}
 # Answers cut to a random 16-128 tokens (summary and outline 16) teach it answers of varied length, so the
 # m answers of a group differ in L (sampled: 4 to 118 tokens, median 25, where fixed 16-token answers gave ~15).
 SMALL_MODEL_PARAMS = 10_000_000
-_SMALL = {"epochs": 100, "lr": 1e-2, "batch_size": 4, "section_tokens": 16, "answer_tokens": 128, "tag_weight": 5.0, "target_tag_rate": 0.9, "max_rounds": 2, "query_generation_examples": 4}
+_SMALL = {
+    "epochs": 100,
+    "lr": 1e-2,
+    "batch_size": 4,
+    "section_tokens": 16,
+    "answer_tokens": 128,
+    "tag_weight": 5.0,
+    "target_tag_rate": 0.9,
+    "max_rounds": 2,
+    "query_generation_examples": 4,
+}
 SMALL_MODEL_DEFAULTS = {"full": _SMALL, "lora": _SMALL}  # the same for both modes
 
 
@@ -169,8 +188,14 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
         peak = lr if round_index == 0 else lr * opts.min_lr_ratio
         round_losses = [step_fn(step, len(plan), batch, peak, opts, warmup=round_index == 0) for step, batch in enumerate(plan)]
         losses += round_losses
-        rate = sampled_tag_rate(model, tokenizer, probe, _probe_tokens(section_tokens, chosen["answer_tokens"]), opts.seed) if probe else None
-        rounds.append({"round": round_index + 1, "steps": len(plan), "loss": round_losses[-1] if plan else None, "tag_rate": rate})
+        rate = (
+            sampled_tag_rate(model, tokenizer, probe, _probe_tokens(section_tokens, chosen["answer_tokens"]), opts.seed)
+            if probe
+            else None
+        )
+        rounds.append(
+            {"round": round_index + 1, "steps": len(plan), "loss": round_losses[-1] if plan else None, "tag_rate": rate}
+        )
         log.info("event=sft_round round=%d steps=%d loss=%s tag_rate=%s target=%s", round_index + 1, len(plan),
                  rounds[-1]["loss"], rate, chosen["target_tag_rate"])  # fmt: skip
         if rate is not None and rate > best[0]:  # the best round so far (a later round may lose the format again)
@@ -209,7 +234,10 @@ def _plan_round(examples: list[tuple[str, str]], generation: QueryGenerationExam
     plan: list[list[Any]] = []
     for epoch in range(epochs):
         if epoch == 0 or section_tokens or generation.per_epoch:
-            seqs = [encode(q, condense(r, tokenizer, section_tokens, rng, answer_tokens) if section_tokens else r) for q, r in examples]
+            seqs = [
+                encode(q, condense(r, tokenizer, section_tokens, rng, answer_tokens) if section_tokens else r)
+                for q, r in examples
+            ]
             seqs += [encode("", target, messages) for messages, target in generation.draw(rng)]
         plan += [[seqs[i] for i in batch] for batch in plan_batches(len(seqs), batch_size, seed + epoch)]
         if max_steps and len(plan) >= max_steps:
@@ -241,7 +269,7 @@ class _SftStep:
             loss.backward()
             total += float(loss.detach())
         for group in self.optimizer.param_groups:
-            group["lr"] = (cosine_lr(step, steps, lr, lr * opts.min_lr_ratio, opts.warmup_ratio) if warmup else lr)
+            group["lr"] = cosine_lr(step, steps, lr, lr * opts.min_lr_ratio, opts.warmup_ratio) if warmup else lr
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

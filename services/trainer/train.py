@@ -63,7 +63,9 @@ class Encoder:
     def prompt(self, query: str, messages: list[dict[str, str]] | None = None) -> list[int]:
         key = query if messages is None else json.dumps(messages)
         if key not in self._prompts:
-            text = self.tokenizer.apply_chat_template(messages or chat_messages(query), add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(
+                messages or chat_messages(query), add_generation_prompt=True, tokenize=False
+            )
             self._prompts[key] = self._ids(text)
         return self._prompts[key]
 
@@ -410,7 +412,9 @@ class Trainer:
                 if self.loss == "kto":
                     kto = losses.kto_loss(logps, reference, desirable[idx].to(device), z_ref, s.beta, *lam, num_sequences=share)
                 else:
-                    kto = losses.grace_kto_loss(logps, reference, weights[idx].to(device), z_ref, s.beta, *lam, num_sequences=share)
+                    kto = losses.grace_kto_loss(
+                        logps, reference, weights[idx].to(device), z_ref, s.beta, *lam, num_sequences=share
+                    )
                 loss = kto
                 positive = desirable[idx].to(device)
                 if s.sft_weight > 0 and positive_tokens > 0 and bool(positive.any()):
@@ -498,7 +502,9 @@ class Trainer:
             return {"loss": loss_sum}, sum(len(seqs[i].ids) for i in mine)
 
         batches = self._batches(len(seqs), iteration)
-        return self._epoch(result, batches, iteration, math.ceil(self.settings.batch_size / self.world), loss_step, on_step, started)
+        return self._epoch(
+            result, batches, iteration, math.ceil(self.settings.batch_size / self.world), loss_step, on_step, started
+        )
 
     # ---- GRPO: the online RL baseline
 
@@ -546,7 +552,9 @@ class Trainer:
                 with torch.no_grad():
                     ratio = torch.exp(per_token.detach() - old_t)
                     ratio_sum += float(ratio.sum())
-                    clipped += float((((ratio < 1 - s.grpo_epsilon) & (adv_t < 0)) | ((ratio > 1 + s.grpo_epsilon) & (adv_t > 0))).sum())
+                    clipped += float(
+                        (((ratio < 1 - s.grpo_epsilon) & (adv_t < 0)) | ((ratio > 1 + s.grpo_epsilon) & (adv_t > 0))).sum()
+                    )
                     if ref_t is not None:
                         delta = ref_t - per_token.detach()
                         kl_sum += float((torch.exp(delta) - delta - 1).sum())

@@ -40,7 +40,7 @@ from shared.schemas import (
     WeightedSample,
     decode_message,
     entry_identity,
-)  # fmt: skip
+)
 from shared.streams import StreamConsumer, StreamEntry, publish
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,9 @@ class TrainerWorker:
                 stored += 1
             elif isinstance(payload, IterationComplete) and payload.stage == "reward":
                 self.state.store_complete(payload, ack)
-                log.info("event=iteration_announced run=%s iteration=%d count=%d", payload.run_id, payload.iteration, payload.count)
+                log.info(
+                    "event=iteration_announced run=%s iteration=%d count=%d", payload.run_id, payload.iteration, payload.count
+                )
             else:  # not for the trainer
                 self.consumer.ack(entry.id)
         if stored:
@@ -158,7 +160,9 @@ class TrainerWorker:
             if arrived >= expected:
                 out.append((run_id, iteration))
             else:
-                log.debug("event=iteration_waiting run=%s iteration=%d arrived=%d expected=%d", run_id, iteration, arrived, expected)
+                log.debug(
+                    "event=iteration_waiting run=%s iteration=%d arrived=%d expected=%d", run_id, iteration, arrived, expected
+                )
         return out
 
     def policy(self) -> tuple[Any, Any, Any]:
@@ -257,7 +261,9 @@ class TrainerWorker:
         except FileExistsError:  # another trainer finished it first: never rewrite
             path = self.store.path(run_id, version)
             checksum = adapter_checksum(path)
-        log.info("event=adapter_written run=%s version=%s path=%s tokens_per_s=%s", run_id, version, path, summary["tokens_per_s"])
+        log.info(
+            "event=adapter_written run=%s version=%s path=%s tokens_per_s=%s", run_id, version, path, summary["tokens_per_s"]
+        )
         return path, checksum, summary
 
     def _trainer(self, run_id: str, iteration: int, loss: str, start: Path | None, policy: tuple[Any, Any, Any]) -> Any:

@@ -107,7 +107,9 @@ def compute_score(
         raise ValueError(f"signal must be one of {SIGNALS}, not {signal!r}")
     base = url or os.environ.get(DEFAULT_URL_ENV)
     if not base:
-        raise ValueError(f"no reward service URL: pass url= (verl: custom_reward_function.reward_kwargs.url) or set {DEFAULT_URL_ENV}")
+        raise ValueError(
+            f"no reward service URL: pass url= (verl: custom_reward_function.reward_kwargs.url) or set {DEFAULT_URL_ENV}"
+        )
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
     responses = [str(s) for s in solution_strs]
     infos = list(extra_infos) if extra_infos is not None else [None] * len(responses)
@@ -122,5 +124,9 @@ def compute_score(
         logs = answer["extra_logs"]
         for k, i in enumerate(batch):
             score = answer["rewards"][k] if signal == "z" else answer["scores"][k]
-            results[i] = {"score": float(score), "weight": float(answer["scores"][k]), **{name: float(v[k]) for name, v in logs.items()}}
+            results[i] = {
+                "score": float(score),
+                "weight": float(answer["scores"][k]),
+                **{name: float(v[k]) for name, v in logs.items()},
+            }
     return results  # type: ignore[return-value]

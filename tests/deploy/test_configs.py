@@ -54,9 +54,7 @@ REDIS_USERS = {"rollout", "reward", "trainer"}
 # ----------------------------------------------------------------------------- helpers
 
 # $$ | ${NAME} | ${NAME<op>ARG} with op in :- - :? ? (ARG may hold one nested ${...}) | $NAME
-_VAR = re.compile(
-    r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])((?:[^{}]|\{[^{}]*\})*))?\}|([A-Za-z_][A-Za-z0-9_]*))"
-)
+_VAR = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])((?:[^{}]|\{[^{}]*\})*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
 
 
 def interpolate(value, env: dict[str, str]):
@@ -79,7 +77,7 @@ def interpolate(value, env: dict[str, str]):
             use_default = empty if op == ":-" else not present
             return interpolate(arg, env) if use_default else env[name]
         if op in (":?", "?"):
-            if (empty if op == ":?" else not present):
+            if empty if op == ":?" else not present:
                 raise KeyError(f"required variable {name} is not set: {arg}")
             return env[name]
         return env.get(name, "")
@@ -680,7 +678,9 @@ def test_k8s_cpu_reward_variant_is_valid_and_takes_no_gpu():
 
     RewardSettings(device=env["GRACE_REWARD_DEVICE"], dtype=env["GRACE_REWARD_DTYPE"])
     # the rest of the base is untouched: rollout and trainer keep their GPUs
-    changed = {key for key, obj in by_name.items() if obj != next(o for o in k8s_objects() if (o["kind"], o["metadata"]["name"]) == key)}
+    changed = {
+        key for key, obj in by_name.items() if obj != next(o for o in k8s_objects() if (o["kind"], o["metadata"]["name"]) == key)
+    }
     assert changed == {("Deployment", "reward"), ("ConfigMap", "grace-config")}
     cpu_port = {int(p) for line in (ROOT / "docker" / "cpu.Dockerfile").read_text().splitlines()
                 if line.startswith("EXPOSE") for p in line.split()[1:]}  # fmt: skip
@@ -691,6 +691,7 @@ def test_k8s_cpu_reward_variant_renders_with_kustomize(tmp_path):
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl not installed: the component is checked by the offline patch above only")
+
     def rel(path: Path) -> str:
         return str(Path(os.path.relpath(path, tmp_path)))
 
@@ -699,6 +700,7 @@ def test_k8s_cpu_reward_variant_renders_with_kustomize(tmp_path):
     )
     rendered = subprocess.run([kubectl, "kustomize", str(tmp_path)], capture_output=True, text=True, check=True).stdout
     objects = [d for d in yaml.safe_load_all(rendered) if d]
+
     def key(o: dict) -> tuple[str, str]:
         return o["kind"], o["metadata"]["name"]
 
@@ -737,7 +739,6 @@ def test_compose_merge_follows_compose_rules():
     assert compose_merge(base, {"a": {"y": [3]}, "c": RESET, "e": 5}) == {"a": {"x": 1, "y": [3]}, "b": 2, "e": 5}
 
 
-
 # ----------------------------------------------------------------------------- compose <-> k8s <-> settings
 
 
@@ -748,7 +749,7 @@ def test_env_names_are_real_settings_fields():
         prefix = f"GRACE_{service.upper()}_"
         keys = {*config, *compose_env(compose()["services"][service]), *env_of(container(service))}
         fields = settings_class(service).model_fields
-        unknown = sorted(k for k in keys if k.startswith(prefix) and k[len(prefix):].lower() not in fields)
+        unknown = sorted(k for k in keys if k.startswith(prefix) and k[len(prefix) :].lower() not in fields)
         assert not unknown, f"{service}: no such setting: {unknown}"
 
 
@@ -846,7 +847,6 @@ def test_healthcheck_redis_with_password(redis_with_password):
     assert missing.returncode == 1
 
 
-
 # ----------------------------------------------------------------------------- one port per service, everywhere
 
 DOCKERFILES = {"rollout": ROOT / "docker" / "gpu.Dockerfile", "reward": ROOT / "docker" / "gpu.Dockerfile",
@@ -892,7 +892,9 @@ def test_one_port_per_service_everywhere():
         }  # fmt: skip
         assert policy_ports == {port}, f"{name}: NetworkPolicy ports {policy_ports}"
         # the image's EXPOSE
-        exposed = {int(p) for line in DOCKERFILES[name].read_text().splitlines() if line.startswith("EXPOSE") for p in line.split()[1:]}
+        exposed = {
+            int(p) for line in DOCKERFILES[name].read_text().splitlines() if line.startswith("EXPOSE") for p in line.split()[1:]
+        }
         assert port in exposed, f"{name}: not exposed by {DOCKERFILES[name].name}"
     for dockerfile in set(DOCKERFILES.values()):
         cmd = json.loads(next(line for line in dockerfile.read_text().splitlines() if line.startswith("CMD "))[4:])

@@ -31,17 +31,13 @@ def recorded(monkeypatch):
 
 def test_cap_set_on_the_scorers_cuda_device(recorded):
     assert apply_memory_cap(0.28, torch.device("cuda:1")) == 0.28
-    assert (
-        apply_memory_cap(0.3, torch.device("cuda")) == 0.3
-    )  # plain "cuda": the current device
+    assert apply_memory_cap(0.3, torch.device("cuda")) == 0.3  # plain "cuda": the current device
     assert recorded == [(0.28, 1), (0.3, 0)]
 
 
 def test_no_cap_unless_set_and_never_on_cpu(recorded):
     assert apply_memory_cap(None, torch.device("cuda:0")) is None
-    assert (
-        apply_memory_cap(0.5, torch.device("cpu")) is None
-    )  # the CPU variant ignores it (with a warning)
+    assert apply_memory_cap(0.5, torch.device("cpu")) is None  # the CPU variant ignores it (with a warning)
     assert recorded == []
 
 
@@ -74,9 +70,7 @@ def test_scorer_caps_memory_before_loading_any_model(monkeypatch, recorded):
         "resolve_models",
         lambda *a, **k: SimpleNamespace(tokenizer="tok"),
     )
-    monkeypatch.setattr(
-        scorer_module, "resolve_dtype", lambda name, device: torch.bfloat16
-    )
+    monkeypatch.setattr(scorer_module, "resolve_dtype", lambda name, device: torch.bfloat16)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", first_load)
     monkeypatch.setattr(scorer_module, "CausalScorer", first_load)
     real_cap = scorer_module.apply_memory_cap

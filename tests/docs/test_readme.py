@@ -143,7 +143,9 @@ def test_every_shell_block_is_marked():
 
 
 def test_marker_parsing():
-    text = "x\n\n<sub>tested: a\nb</sub>\n```bash\necho 1\n```\n```bash\necho 2\n```\n<sub>covered by t.py: y</sub>\n```sh\nz\n```\n"
+    text = (
+        "x\n\n<sub>tested: a\nb</sub>\n```bash\necho 1\n```\n```bash\necho 2\n```\n<sub>covered by t.py: y</sub>\n```sh\nz\n```\n"
+    )
     first, second, third = readme_blocks(text)
     assert (first.marker, first.code, first.tested) == ("tested: a b", "echo 1\n", True)
     assert second.marker is None

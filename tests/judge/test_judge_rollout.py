@@ -45,9 +45,7 @@ def test_vllm_structured_output_gives_strict_json(rollout_service):
 
 
 def test_judge_service_on_the_rollout_service(judge_service):
-    response = httpx.post(
-        f"{judge_service.url}/v1/judge", json={"instruction": QUERY, "response": RESPONSE}, timeout=300
-    )
+    response = httpx.post(f"{judge_service.url}/v1/judge", json={"instruction": QUERY, "response": RESPONSE}, timeout=300)
     assert response.status_code == 200, response.text
     body = response.json()
     scores = [body["criteria"][c] for c in CRITERIA]

@@ -51,7 +51,9 @@ def test_every_published_sample_trained_exactly_once(finished_run):
     for iteration in (0, 1):
         published = [s.sample_id for s in samples if s.iteration == iteration]
         assert len(published) == len(set(published)) == 6  # 2 queries x 3 responses, no duplicate
-        state = json.loads((finished_run["work"] / "adapters" / RUN_ID / f"iter-{iteration:04d}" / "trainer_state.json").read_text())
+        state = json.loads(
+            (finished_run["work"] / "adapters" / RUN_ID / f"iter-{iteration:04d}" / "trainer_state.json").read_text()
+        )
         assert sorted(state["sample_ids"]) == sorted(published)
     assert state["start"] == "iter-0000"  # iteration 1 continued from iteration 0's adapter
 

@@ -20,7 +20,9 @@ def test_eval_judges_through_the_backend_directly(backend, tmp_path, monkeypatch
     monkeypatch.setenv("GRACE_JUDGE_BASE_URL", backend.url)
     monkeypatch.setenv("GRACE_JUDGE_MODEL", "judge-model")
     queries = tmp_path / "queries.jsonl"
-    queries.write_text("".join(json.dumps({"id": f"q{i}", "query": f"请撰写报告 {i}"}, ensure_ascii=False) + "\n" for i in range(2)))
+    queries.write_text(
+        "".join(json.dumps({"id": f"q{i}", "query": f"请撰写报告 {i}"}, ensure_ascii=False) + "\n" for i in range(2))
+    )
     backend.script(
         Step(content=DOCUMENT, match="请撰写报告 0"), Step(content="no tags at all", match="请撰写报告 1"),
         Step(503),  # the first judge request fails once and is retried (by the openai SDK)
@@ -66,7 +68,10 @@ def test_reevaluation_is_free_from_the_cache_and_unparsed_judgments_are_null_sco
     queries.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     unjudgeable = Step(content="A fine report.", match="<Response>no tags at all</Response>")
     backend.script(
-        Step(content=DOCUMENT, match="请撰写报告 0"), Step(content="no tags at all", match="请撰写报告 1"), unjudgeable, unjudgeable
+        Step(content=DOCUMENT, match="请撰写报告 0"),
+        Step(content="no tags at all", match="请撰写报告 1"),
+        unjudgeable,
+        unjudgeable,
     )
     opts = EvalOptions(
         policies=[PolicySpec("Run", "gen-model", backend.url)], queries=queries, out_dir=tmp_path / "first",
@@ -80,7 +85,12 @@ def test_reevaluation_is_free_from_the_cache_and_unparsed_judgments_are_null_sco
     assert sum("<Reference Answer>参考答案零</Reference Answer>" in p for p in prompts) == 1
     assert sum("<Reference Answer>" in p for p in prompts) == 1
     assert scored["judge"]["score"] == pytest.approx(72.0) and scored["judge_cached"] is False
-    assert scored["judge_usage"] == {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20, "cost": pytest.approx(1.8e-4)}
+    assert scored["judge_usage"] == {
+        "prompt_tokens": 10,
+        "completion_tokens": 10,
+        "total_tokens": 20,
+        "cost": pytest.approx(1.8e-4),
+    }
     # an answer that never parsed: a null score with its reason, not an error, and its two answers were paid for
     assert (unparsed["judge"], unparsed["judge_error"]) == (None, None)
     assert "could not be judged" in unparsed["judge_parse_error"] and unparsed["judge_usage"]["total_tokens"] == 40

@@ -66,7 +66,9 @@ def test_resume_trains_nothing_new_and_kto_adds_the_comparison(finished):
     assert "sft seed 0" in shown and shown.count("already done") == 2  # sft and grace resumed, kto ran
     delta = contract["grace_vs_kto"]
     assert isinstance(delta["avg_rank_delta"], float) and 0.0 <= delta["p_value"] <= 1.0
-    assert delta["avg_rank_delta"] == pytest.approx(contract["methods"]["grace"]["avg_rank"] - contract["methods"]["kto"]["avg_rank"])
+    assert delta["avg_rank_delta"] == pytest.approx(
+        contract["methods"]["grace"]["avg_rank"] - contract["methods"]["kto"]["avg_rank"]
+    )
     comparison = (work / "out" / NAME / "comparison.md").read_text()
     assert "| Avg. Rank (per unit) |" in comparison and "p-value" in comparison
     json.dumps(contract, allow_nan=False)  # the last stdout line is strict JSON

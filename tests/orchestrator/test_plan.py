@@ -155,7 +155,8 @@ def test_trainer_flops_factors():
     assert parts["train"] == 3 * 2000 * fwd  # fwd + bwd (input grads) + recompute
     assert P.trainer_flops(replace(p, gradient_checkpointing=False))["train"] == 2 * 2000 * fwd
     assert P.trainer_stage(replace(p, qlora=False), 1).seconds * P.QLORA_SLOWDOWN == pytest.approx(
-        P.trainer_stage(p, 1).seconds, rel=1e-9)
+        P.trainer_stage(p, 1).seconds, rel=1e-9
+    )
 
 
 def test_split_search_picks_the_obvious_optimum(monkeypatch):

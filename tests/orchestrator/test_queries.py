@@ -64,7 +64,9 @@ def test_ids_and_seeds_are_deterministic_and_distinct():
 
 def test_drop_heldout_drops_queries_equal_after_case_and_whitespace():
     heldout = {normalize_query("Write a Report on  Grid Storage")}
-    kept, dropped = drop_heldout(["write a report on grid storage ", "Write a report on solar", "WRITE A REPORT\non grid storage"], heldout)
+    kept, dropped = drop_heldout(
+        ["write a report on grid storage ", "Write a report on solar", "WRITE A REPORT\non grid storage"], heldout
+    )
     assert kept == ["Write a report on solar"]
     assert dropped == ["write a report on grid storage ", "WRITE A REPORT\non grid storage"]
 

@@ -79,9 +79,7 @@ def test_rank_table_with_average_column_ties_and_an_unranked_row():
         "B": {c.key: 80.0 for c in JUDGE_COLUMNS} | {"tone_formality": 90.0},
         "Labeled Answer": {c.key: 99.0 for c in JUDGE_COLUMNS},
     }
-    table = report.rank_table(
-        list(values), values, JUDGE_COLUMNS, average_title="Avg.", unranked=["Labeled Answer"]
-    )
+    table = report.rank_table(list(values), values, JUDGE_COLUMNS, average_title="Avg.", unranked=["Labeled Answer"])
     lines = table.strip().splitlines()
     assert lines[0] == "| Method | CAR | TF | IDA | SC | PE | Avg. | Avg. Rank |"
     assert lines[2] == "| A | 80.00 (1.5) | 80.00 (2) | 80.00 (1.5) | 80.00 (1.5) | 80.00 (1.5) | 80.00 | 1.6 |"

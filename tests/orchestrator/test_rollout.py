@@ -109,8 +109,11 @@ def test_without_a_cap_the_budget_is_the_window_minus_the_prompt(rollout_service
     async def probe() -> tuple:
         try:
             raw = await worker.samplers[0].chat.completions.create(
-                model=settings.served_model_name, messages=[{"role": "user", "content": "a " * 3000}],
-                n=1, max_tokens=settings.max_tokens, temperature=0.0,
+                model=settings.served_model_name,
+                messages=[{"role": "user", "content": "a " * 3000}],
+                n=1,
+                max_tokens=settings.max_tokens,
+                temperature=0.0,
             )
             return raw.usage.prompt_tokens, raw.usage.completion_tokens, raw.choices[0].finish_reason
         finally:

@@ -174,7 +174,11 @@ def test_api_key_is_required_when_configured(reward_service):
 def test_excess_concurrent_requests_get_503_with_retry_after(reward_service):
     # one slot and one queue place: of several simultaneous heavy requests, some must be turned away
     long_doc = (DOC_SHORT + " ") * 60
-    body = {"groups": [{"query": f"q{g}", "responses": [structured(f"s{i}", long_doc[: 5500 - i]) for i in range(4)]} for g in range(2)]}
+    body = {
+        "groups": [
+            {"query": f"q{g}", "responses": [structured(f"s{i}", long_doc[: 5500 - i]) for i in range(4)]} for g in range(2)
+        ]
+    }
     assert len(str(body)) < reward_service.limits["max_body_bytes"]
 
     def post(_):

@@ -186,7 +186,15 @@ def test_permuting_a_group_permutes_its_results(group, rnd):
 
 @given(st.lists(metrics, min_size=1, max_size=8))
 def test_strictly_increasing_transforms_change_nothing(group):
-    moved = [replace(m, length=m.length * 7 + 3, domain_perplexity=math.exp(m.domain_perplexity), relevance_summary=-1 / (m.relevance_summary + 1)) for m in group]
+    moved = [
+        replace(
+            m,
+            length=m.length * 7 + 3,
+            domain_perplexity=math.exp(m.domain_perplexity),
+            relevance_summary=-1 / (m.relevance_summary + 1),
+        )
+        for m in group
+    ]
     assert calibrate([group]) == calibrate([moved])
 
 

@@ -58,7 +58,9 @@ def test_score_file_through_the_api_matches_one_request(reward_service, input_fi
     lines = read(out)
     assert [line["query"] for line in lines] == [g["query"] for g in GROUPS]
     # calibrated over the whole file although scored one group per request
-    one_request = httpx.post(f"{reward_service.url}/v1/score", json={"groups": GROUPS}, headers=reward_service.headers, timeout=120)
+    one_request = httpx.post(
+        f"{reward_service.url}/v1/score", json={"groups": GROUPS}, headers=reward_service.headers, timeout=120
+    )
     assert_same_results(lines, one_request.json()["groups"])
     assert lines[0]["results"][1] == {"index": 1, "parsed": False, "metrics": None, "rank_sum": None, "z": None,
                                       "weight": -1.0, "finish_reason": None}  # fmt: skip
@@ -68,7 +70,9 @@ def test_score_file_in_process_matches_the_api(reward_service, input_file, tmp_p
     import os
 
     out = tmp_path / "local.jsonl"
-    done = grace_score([str(input_file), "--out", str(out)], {**os.environ, **model_env(tiny_models), "GRACE_REWARD_DTYPE": "fp32"})
+    done = grace_score(
+        [str(input_file), "--out", str(out)], {**os.environ, **model_env(tiny_models), "GRACE_REWARD_DTYPE": "fp32"}
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     via_api = httpx.post(f"{reward_service.url}/v1/score", json={"groups": GROUPS}, headers=reward_service.headers, timeout=120)
     assert_same_results(read(out), via_api.json()["groups"])

@@ -52,7 +52,9 @@ def test_length_diversity_and_perplexities_match_a_plain_forward(reward_scorer, 
     assert m.diversity == pytest.approx(M.diversity(tokens, 2))  # eq. 2
     prefix = reward_scorer.prefix_id
     for model_dir, value in ((tiny_models.general, m.general_perplexity), (tiny_models.domain, m.domain_perplexity)):
-        assert value == pytest.approx(reference_ppl(model_dir, tokens, prefix, reward_scorer.window, reward_scorer.stride), rel=1e-4)
+        assert value == pytest.approx(
+            reference_ppl(model_dir, tokens, prefix, reward_scorer.window, reward_scorer.stride), rel=1e-4
+        )
     assert m.professionalism == pytest.approx(m.general_perplexity - m.domain_perplexity)  # eq. 3
     assert m.general_perplexity != m.domain_perplexity
 

@@ -23,14 +23,22 @@ from tests.reward.test_scorer import DOC_OTHER, DOC_SHORT, structured
 def make_groups(run: str, iteration: int, k: int) -> list[RolloutGroup]:
     groups = []
     for g in range(k):
-        responses = [
-            structured(f"summary {g} {i}", (DOC_SHORT + " ") * (i + 1) + DOC_OTHER * (g % 2)) for i in range(3)
-        ] + (["no tags at all"] if g % 2 == 0 else [])
+        responses = [structured(f"summary {g} {i}", (DOC_SHORT + " ") * (i + 1) + DOC_OTHER * (g % 2)) for i in range(3)] + (
+            ["no tags at all"] if g % 2 == 0 else []
+        )
         finish = ["stop", "length", "stop", "length"][: len(responses)]
         groups.append(
-            RolloutGroup(run_id=run, iteration=iteration, group_id=f"{run}:{iteration}:{g}", group_index=g,
-                         query=f"Write report {g} on SOE reform", responses=responses, finish_reasons=finish,
-                         adapter_version=f"iter-{iteration:04d}", query_source="generated")  # fmt: skip
+            RolloutGroup(
+                run_id=run,
+                iteration=iteration,
+                group_id=f"{run}:{iteration}:{g}",
+                group_index=g,
+                query=f"Write report {g} on SOE reform",
+                responses=responses,
+                finish_reasons=finish,
+                adapter_version=f"iter-{iteration:04d}",
+                query_source="generated",
+            )
         )
     return groups
 
@@ -127,13 +135,17 @@ def test_two_workers_share_groups_and_normalize_once(redis_client, reward_scorer
     for g in groups[3:]:  # groups may arrive after the rollout marker
         publish(redis_client, STREAM_ROLLOUTS, g)
     workers = [
-        RewardWorker(redis_client, reward_scorer.score, model_settings(tiny_models, consumer_name=name, worker_batch=1, block_ms=50))
+        RewardWorker(
+            redis_client, reward_scorer.score, model_settings(tiny_models, consumer_name=name, worker_batch=1, block_ms=50)
+        )
         for name in ("a", "b")
     ]
     run_workers(workers, lambda: published(redis_client)[1])
     time.sleep(0.5)  # a second finalization, if there were one, would show up now
     check_iteration(redis_client, groups, "r2", 4)
-    assert sum(w.telemetry.registry.get_sample_value("grace_reward_worker_groups_total") for w in workers) == 6  # each group scored once
+    assert (
+        sum(w.telemetry.registry.get_sample_value("grace_reward_worker_groups_total") for w in workers) == 6
+    )  # each group scored once
     assert sum(w.telemetry.registry.get_sample_value("grace_reward_worker_iterations_total") for w in workers) == 1
 
 
@@ -231,7 +243,9 @@ def test_worker_killed_mid_iteration_and_restarted_publishes_each_sample_once(re
     check_iteration(redis_client, groups, "r4", 2)
 
 
-def test_two_worker_processes_score_each_group_once_and_match_one_worker(redis_client, redis_url, reward_scorer, tiny_models, tmp_path):
+def test_two_worker_processes_score_each_group_once_and_match_one_worker(
+    redis_client, redis_url, reward_scorer, tiny_models, tmp_path
+):
     """Two `grace serve reward --worker-only` processes in one consumer group: every group scored once in all,
     the iteration finalized once, and the weighted samples those of a single worker on the same groups."""
     import re
@@ -240,8 +254,13 @@ def test_two_worker_processes_score_each_group_once_and_match_one_worker(redis_c
     env = {**model_env(tiny_models), "REDIS_URL": redis_url, "GRACE_REWARD_WORKER_BATCH": "1",
            "GRACE_REWARD_BLOCK_MS": "100", "GRACE_REWARD_DTYPE": "fp32"}  # fmt: skip
     processes = [
-        ServiceProcess(name, [sys.executable, "-m", "shared.cli", "serve", "reward", "--worker-only"], tmp_path / f"{name}.log",
-                       env={**env, "GRACE_REWARD_CONSUMER_NAME": name}, cwd=ROOT).start()  # fmt: skip
+        ServiceProcess(
+            name,
+            [sys.executable, "-m", "shared.cli", "serve", "reward", "--worker-only"],
+            tmp_path / f"{name}.log",
+            env={**env, "GRACE_REWARD_CONSUMER_NAME": name},
+            cwd=ROOT,
+        ).start()
         for name in ("worker-a", "worker-b")
     ]
     try:

@@ -131,7 +131,9 @@ def test_rope_endpoint_reports_the_served_setting_and_runs_are_checked_against_i
     assert asyncio.run(check_run_rope(url, key, same)) == RopeConfig()
     assert asyncio.run(check_run_rope(url, key, RunConfig(run_id="old"))) is None  # recorded before rope: unchecked
     other = RunConfig(run_id="rope-off", rope=RopeConfig(yarn_factor=1.0))
-    with pytest.raises(RopeMismatch, match="run rope-off asks for yarn_factor=1.0 but the rollout service is set to yarn_factor=4.0"):
+    with pytest.raises(
+        RopeMismatch, match="run rope-off asks for yarn_factor=1.0 but the rollout service is set to yarn_factor=4.0"
+    ):
         asyncio.run(check_run_rope(url, key, other))
     # an endpoint that does not report it (plain vLLM: 404): the worker's own setting stands in, if given
     assert asyncio.run(check_run_rope(rollout_service.vllm_url, None, other)) is None

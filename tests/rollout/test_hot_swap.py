@@ -126,9 +126,7 @@ def test_swap_under_load_fails_no_request_and_retires_the_old_version(rollout_se
     assert during["current"]["model"] in served and old_model not in served
 
 
-def test_bad_adapters_are_rejected_and_the_old_one_keeps_serving(
-    rollout_service, lora_factory, publish_adapter, tmp_path
-):
+def test_bad_adapters_are_rejected_and_the_old_one_keeps_serving(rollout_service, lora_factory, publish_adapter, tmp_path):
     good = _unique("good")
     _swap(rollout_service, lora_factory, publish_adapter, good, seed=31)
     serving_version, serving_text = _greedy(rollout_service)
@@ -160,8 +158,15 @@ def test_every_replica_receives_every_adapter_event(rollout_service, lora_factor
     """Fan-out: one consumer group per replica, so two replicas both load the same event."""
     client = redis.Redis.from_url(rollout_service.redis_url)
     managers = {
-        name: AdapterManager(client, AdapterRegistry("base"), rollout_service.vllm_url, adapter_root=rollout_service.adapter_root,
-                             replica=name, max_rank=16, block_ms=200)  # fmt: skip
+        name: AdapterManager(
+            client,
+            AdapterRegistry("base"),
+            rollout_service.vllm_url,
+            adapter_root=rollout_service.adapter_root,
+            replica=name,
+            max_rank=16,
+            block_ms=200,
+        )
         for name in (_unique("replica-a"), _unique("replica-b"))
     }
     for manager in managers.values():  # start reading from the stream's end, as a fresh replica group would see new events

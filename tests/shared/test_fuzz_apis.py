@@ -78,8 +78,11 @@ def openrlhf_shaped(case):
     """Positive /get_reward bodies as OpenRLHF sends them: one prompt per query, each query = prompt + response,
     within the service's per-group limits (rules JSON Schema cannot say; the field descriptions do)."""
     body = case.body
-    if case.path == "/get_reward" and isinstance(body, dict) and isinstance(body.get("query"), list) and isinstance(
-        body.get("prompts"), list
+    if (
+        case.path == "/get_reward"
+        and isinstance(body, dict)
+        and isinstance(body.get("query"), list)
+        and isinstance(body.get("prompts"), list)
     ):
         prompts = (body["prompts"] or ["p"])[:3]  # max_groups: 3 distinct prompts
         query = body["query"][: len(prompts) * 4] or [""]  # max_responses: 4 per prompt

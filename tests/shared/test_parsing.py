@@ -38,7 +38,9 @@ def test_chinese_content_is_kept():
 
 
 def test_query_list_python_literal_inside_prose():
-    text = "Sure! Here they are:\ngenerated_query = ['Write a report on A', \"Draft a brief on B\"]\nqueries.extend(generated_query)"
+    text = (
+        "Sure! Here they are:\ngenerated_query = ['Write a report on A', \"Draft a brief on B\"]\nqueries.extend(generated_query)"
+    )
     assert parse_query_list(text) == ["Write a report on A", "Draft a brief on B"]
 
 

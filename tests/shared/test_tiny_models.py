@@ -75,7 +75,10 @@ def test_saved_config_is_native_and_yarn_parameters_are_derived(cli_set):
     assert config["dtype"] == "float32"
     assert native_window(cli_set.policy) == 2048
     assert yarn_rope_parameters(cli_set.policy, factor=4.0) == {
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048, "rope_theta": 10000.0,
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 2048,
+        "rope_theta": 10000.0,
     }
 
 
@@ -85,7 +88,9 @@ def test_policy_runs_past_its_window_with_yarn(cli_set):
 
     window = native_window(cli_set.policy)
     config = Qwen2Config.from_pretrained(
-        cli_set.policy, rope_parameters=yarn_rope_parameters(cli_set.policy, 4.0), max_position_embeddings=4 * window,
+        cli_set.policy,
+        rope_parameters=yarn_rope_parameters(cli_set.policy, 4.0),
+        max_position_embeddings=4 * window,
     )
     model = AutoModelForCausalLM.from_pretrained(cli_set.policy, config=config).eval()
     assert model.config.rope_parameters["rope_type"] == "yarn"
@@ -111,9 +116,7 @@ def test_tags_are_single_tokens_that_survive_decoding(policy_tokenizer):
 def test_chat_template_renders_chatml_with_generation_prompt(policy_tokenizer):
     messages = [{"role": "system", "content": "系统"}, {"role": "user", "content": "Write a report."}]
     text = policy_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text == (
-        "<|im_start|>system\n系统<|im_end|>\n<|im_start|>user\nWrite a report.<|im_end|>\n<|im_start|>assistant\n"
-    )
+    assert text == ("<|im_start|>system\n系统<|im_end|>\n<|im_start|>user\nWrite a report.<|im_end|>\n<|im_start|>assistant\n")
     without = policy_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     assert not without.endswith("assistant\n")
     assert without == _render_chat(messages)  # the pretraining text uses the same format
@@ -155,8 +158,11 @@ def test_domain_model_is_adapted_to_domain_text(cli_set, policy_tokenizer):
         return torch.tensor(ids[: n * 256]).view(n, 256)
 
     domain, general = blocks("domain_corpus.txt"), blocks("general_corpus.txt")
-    ppl = {(m, t): _perplexity(getattr(cli_set, m), b) for m in ("general", "domain") for t, b in
-           (("domain", domain), ("general", general))}
+    ppl = {
+        (m, t): _perplexity(getattr(cli_set, m), b)
+        for m in ("general", "domain")
+        for t, b in (("domain", domain), ("general", general))
+    }
     logging.getLogger(__name__).info("perplexities %s", ppl)
     assert ppl["domain", "domain"] < 0.8 * ppl["general", "domain"]
     assert ppl["domain", "general"] > 0.9 * ppl["general", "general"]
@@ -186,8 +192,7 @@ def test_bge_m3_loader_reads_encoder_and_both_heads(cli_set, caplog):
     assert encoder.compute_lexical_matching_score(weights[0], weights[1]) > 0  # shared tokens
     assert encoder.compute_lexical_matching_score(weights[0], weights[2]) == 0  # no shared tokens
     assert math.isfinite(float(encoder.colbert_score(out["colbert_vecs"][0], out["colbert_vecs"][1])))
-    scores = encoder.compute_score([(texts[0], texts[1])], max_passage_length=4096,
-                                   weights_for_different_modes=[1.0, 0.3, 1.0])
+    scores = encoder.compute_score([(texts[0], texts[1])], max_passage_length=4096, weights_for_different_modes=[1.0, 0.3, 1.0])
     assert set(scores) >= {"dense", "sparse", "colbert", "colbert+sparse+dense"}
 
 
@@ -236,7 +241,10 @@ def test_ensure_and_resolve_use_the_cache_under_grace_home(cli_set, tmp_path, mo
     assert mixed.domain == cached / "domain"
     assert str(mixed.embedding) == "BAAI/bge-m3"
 
-    configured = resolve_models(ServiceSettings(
-        policy_model="/p", general_model="/g", domain_model="/d", embedding_model="/e"))
+    configured = resolve_models(ServiceSettings(policy_model="/p", general_model="/g", domain_model="/d", embedding_model="/e"))
     assert (configured.policy, configured.general, configured.domain, configured.embedding) == (
-        Path("/p"), Path("/g"), Path("/d"), Path("/e"))
+        Path("/p"),
+        Path("/g"),
+        Path("/d"),
+        Path("/e"),
+    )

@@ -145,7 +145,9 @@ def test_no_backend_writes_nothing(tmp_path):
 
 
 def test_tensorboard_event_files_hold_the_scalars_and_tables(tmp_path):
-    tracker = open_tracker(TrackingOptions(report_to=("tensorboard",)), tmp_path, "r1", {"run_id": "r1", "rope": {"yarn_factor": 2.0}})
+    tracker = open_tracker(
+        TrackingOptions(report_to=("tensorboard",)), tmp_path, "r1", {"run_id": "r1", "rope": {"yarn_factor": 2.0}}
+    )
     tracker.log_metrics(1, {"train/loss": 0.75, "train/lr": 1e-4})
     tracker.log_metrics(2, {"train/loss": 0.5, "train/note": "text is not a scalar"})
     tracker.log_table("eval_responses/base", [{"query": "q1", "metrics": {"length": 120}}], step=0)
@@ -172,7 +174,9 @@ def test_mlflow_local_store_holds_metric_history_params_and_table(tmp_path):
     assert run.info.run_name == "r1" and run.info.status == "FINISHED"
     assert run.data.params == {"run_id": "r1", "loss": "grace_kto"}
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")] == [(1, 0.75), (2, 0.5)]
-    table = json.loads(Path(client.download_artifacts(run.info.run_id, "tables/eval_responses/iter-1.json", str(tmp_path))).read_text())
+    table = json.loads(
+        Path(client.download_artifacts(run.info.run_id, "tables/eval_responses/iter-1.json", str(tmp_path))).read_text()
+    )
     assert table["columns"] == ["query", "response", "metrics.length"] and table["data"] == [["q1", "a", 3.5]]
 
 
@@ -224,7 +228,9 @@ def test_run_recorder_sends_trainer_steps_iteration_records_and_eval_tables(tmp_
     (run,) = mlflow_runs(run_dir / "tracking")
     client = mlflow_client(run_dir / "tracking")
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")] == [(1, 0.7), (2, 0.6)]
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "tables/eval_responses")] == ["tables/eval_responses/iter-1.json"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "tables/eval_responses")] == [
+        "tables/eval_responses/iter-1.json"
+    ]
 
 
 def test_experiment_cells_share_one_tracking_folder_side_by_side(tmp_path):

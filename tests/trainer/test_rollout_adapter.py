@@ -20,7 +20,11 @@ def _status(client: redis.Redis, run_id: str, version: str, timeout: float = 120
     while time.monotonic() < deadline:
         for _, fields in client.xrange(STREAM_ADAPTERS):
             payload = decode_message(fields)
-            if isinstance(payload, AdapterStatus) and (payload.run_id, payload.version, payload.replica) == (run_id, version, REPLICA):
+            if isinstance(payload, AdapterStatus) and (payload.run_id, payload.version, payload.replica) == (
+                run_id,
+                version,
+                REPLICA,
+            ):
                 return payload
         time.sleep(0.2)
     raise AssertionError(f"no AdapterStatus for {run_id}/{version}")

@@ -67,6 +67,8 @@ def test_sft_refuses_a_run_with_other_rope(tiny_models, tmp_path):
 
     opts = SftOptions(out=tmp_path / "sft", base=str(tiny_models.policy), rope=RopeConfig(scope="inference_and_training"),
                       run_id="r1")  # fmt: skip
-    with pytest.raises(RopeMismatch, match="run r1 asks for scope=inference_and_training but the SFT stage is set to scope=inference"):
+    with pytest.raises(
+        RopeMismatch, match="run r1 asks for scope=inference_and_training but the SFT stage is set to scope=inference"
+    ):
         run_sft(opts)
     assert not (tmp_path / "sft").exists()

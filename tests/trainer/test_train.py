@@ -113,7 +113,9 @@ def test_adapter_round_trip_through_files_and_peft(trainer_policy, tmp_path):
 def test_baselines_train_and_report(trainer_policy, loss):
     model, tokenizer, runtime, settings = trainer_policy
     rng = random.Random(1)
-    samples = [_sample(i, g, w, HIGH_WORDS if w >= 0 else LOW_WORDS, rng) for g in range(2) for i, w in enumerate([1.0, -0.5, 0.3, -1.2])]
+    samples = [
+        _sample(i, g, w, HIGH_WORDS if w >= 0 else LOW_WORDS, rng) for g in range(2) for i, w in enumerate([1.0, -0.5, 0.3, -1.2])
+    ]
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     result = Trainer(model, tokenizer, settings.model_copy(update={"batch_size": 4}), runtime, loss=loss).train(samples)
     after = [p.detach() for p in model.parameters() if p.requires_grad]
