@@ -37,7 +37,7 @@ class DemoOptions:
     work_dir: Path = opt(Path("runs/demo"), "models, SFT policy, stack and runs go here")
     run_id: str | None = opt(None, "continue this run id (default: a new one)")
     iterations: int = 3
-    queries: int = opt(8, "new queries per iteration (K)", "--queries", "-k")
+    queries: int = opt(16, "new queries per iteration (K)", "--queries", "-k")
     responses: int = opt(8, "responses per query (m; paper: 8)", "--responses", "-m")
     loss: str = "grace_kto"
     eval_limit: int = opt(24, cli=False)  # every held-out query
@@ -51,9 +51,9 @@ class ExperimentOptions:
     methods: tuple[str, ...] = opt(METHODS, "comma-separated methods", cli_type=str, cli_default=",".join(METHODS),
                                    parse=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()))  # fmt: skip
     seeds: int = opt(3, "seeds per method (S)", min=1)
-    total_queries: int | None = opt(24, "query budget N of every method (0: K x --iterations)", "--total-queries", "-n",
+    total_queries: int | None = opt(48, "query budget N of every method (0: K x --iterations)", "--total-queries", "-n",
                                     min=0, parse=or_none)  # fmt: skip
-    k: int = opt(8, "K queries per semi-online round: ceil(N/K) rounds", "-k")
+    k: int = opt(16, "K queries per semi-online round: ceil(N/K) rounds", "-k")
     m: int = opt(8, "m responses per query", "-m")
     iterations: int = opt(3, "semi-online rounds when --total-queries is 0 (N = K x rounds)")
     epochs: int | None = opt(None, "epochs per round (default: the trainer's setting)", min=1)
