@@ -10,14 +10,16 @@ run many seeds and variants at once on one device (a lent GPU); `grace experimen
 
 Writes ``rows.jsonl`` (one row per cell, round and held-out query: per-metric means over the parsed answers)
 and ``summary.json`` (per variant and round: means over seeds and their standard deviation) to ``--out``,
-and prints the summary as the last line.
+and prints the summary as the last line. ``--report`` prints the comparison tables of rows files.
 
     python scripts/method_probe.py --policy runs/demo/policy-sft --seeds 4 --workers 8 --out /tmp/probe
+    python scripts/method_probe.py --report docs/evidence/2026-12-04-method-probe-rows.jsonl.gz
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import multiprocessing
 import os
@@ -144,9 +146,55 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def report(rows: list[dict]) -> str:
+    """Markdown: per variant its last round (mean +- sd over seeds), then each grace/kto pair against each other
+    and the SFT policy (round 0) on the average rank: of the seed means (``method_table``) and paired per
+    (seed, query) unit with the sign-flip p-value (``paired_comparison``), as `grace experiment` reports them."""
+    from services.orchestrator.stats import METRICS, method_table, paired_comparison
+
+    last = max(r["round"] for r in rows)
+    seeds = sorted({r["seed"] for r in rows})
+
+    def per_seed(variant: str, round_: int) -> list[dict]:
+        out = []
+        for seed in seeds:
+            mine = [r for r in rows if (r["variant"], r["round"], r["seed"]) == (variant, round_, seed)]
+            means = {METRICS[s]: statistics.mean(v) if (v := [r[s] for r in mine if r[s] is not None]) else None for s in METRICS}
+            out.append({**means, "parsed": statistics.mean(r["parsed"] for r in mine)})
+        return out
+
+    def units(variant: str, round_: int) -> dict:
+        return {(r["seed"], r["query"]): r for r in rows if (r["variant"], r["round"]) == (variant, round_)}
+
+    def cell(values: list[float], digits: int) -> str:
+        return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+    variants = sorted({r["variant"] for r in rows})
+    lines = [f"{len(seeds)} seeds; round {last}, mean ± sd over seeds of the per-seed means", "",
+             "| variant | L | E | P | Rs | Rd | parsed |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, variant, round_ in [("sft (round 0)", variants[0], 0), *[(v, v, last) for v in variants]]:
+        table = per_seed(variant, round_)
+        digits = {"professionalism": 0, "length": 1, "diversity": 2}
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cell([t[k] for t in table], digits.get(k, 3)) for k in [*METRICS.values(), "parsed"])
+            + " |"
+        )
+    lines += ["", "| budget | avg rank sft / kto / grace (seed means) | grace - kto, per unit (p) | grace - sft, per unit (p) |",
+              "|---|---|---|---|"]  # fmt: skip
+    for grace in [v for v in variants if v.startswith("grace") and "kto" + v[5:] in variants]:
+        kto = "kto" + grace[5:]
+        ranks = method_table({"sft": per_seed(grace, 0), "kto": per_seed(kto, last), "grace": per_seed(grace, last)})
+        paired = {"sft": units(grace, 0), "kto": units(kto, last), "grace": units(grace, last)}
+        vs = [paired_comparison(paired, "grace", other)["avg_rank"] for other in ("kto", "sft")]
+        lines.append(f"| {grace[6:] or 'default'} | " + " / ".join(f"{ranks[m]['avg_rank']:.1f}" for m in ("sft", "kto", "grace"))
+                     + " | " + " | ".join(f"{v['mean_diff']:+.3f} ({v['p_value']:.3f})" for v in vs) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policy", required=True, help="the SFT policy folder (grace sft / the demo's policy-sft)")
+    parser.add_argument("--policy", help="the SFT policy folder (grace sft / the demo's policy-sft)")
     parser.add_argument("--models", help="the tiny model set folder (default: the local one)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--seeds", type=int, default=4)
@@ -156,8 +204,14 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="the reward models' device; the trainer's is CUDA when present")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--report", nargs="+", type=Path, help="only print the tables of these rows files (.jsonl or .jsonl.gz)")
     args = parser.parse_args()
+    if args.report:
+        print(report([json.loads(line) for path in args.report for line in _open(path)]))
+        return
+    if not (args.policy and args.out):
+        parser.error("--policy and --out are required to run cells")
     if args.models is None:
         from shared.tiny_models import ensure_model_set
 
@@ -183,6 +237,10 @@ def main() -> None:
     summary = {"seconds": round(time.perf_counter() - started, 1), "args": shared_args, "variants": summarize(rows)}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
+
+
+def _open(path: Path):
+    return gzip.open(path, "rt") if path.suffix == ".gz" else path.open()
 
 
 if __name__ == "__main__":

@@ -95,48 +95,16 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # head_dim 32: the minimum vLLM's CPU attention accepts.
     "tiny": Preset(
-        vocab_size=4000,
-        hidden=128,
-        heads=4,
-        kv_heads=2,
-        layers=2,
-        intermediate=256,
-        window=2048,
-        encoder_hidden=128,
-        encoder_layers=2,
-        encoder_heads=4,
-        encoder_intermediate=256,
-        encoder_positions=8194,
-        seq_len=256,
-        batch=8,
-        general_steps=40,
-        domain_steps=20,
-        general_lr=6e-3,
-        domain_lr=2e-3,
-        threads=1,
+        vocab_size=4000, hidden=128, heads=4, kv_heads=2, layers=2, intermediate=256, window=2048,
+        encoder_hidden=128, encoder_layers=2, encoder_heads=4, encoder_intermediate=256, encoder_positions=8194,
+        seq_len=256, batch=8, general_steps=40, domain_steps=20, general_lr=6e-3, domain_lr=2e-3, threads=1,
     ),
     "small": Preset(
-        vocab_size=16000,
-        hidden=512,
-        heads=8,
-        kv_heads=4,
-        layers=8,
-        intermediate=1408,
-        window=2048,
-        encoder_hidden=256,
-        encoder_layers=4,
-        encoder_heads=4,
-        encoder_intermediate=1024,
-        encoder_positions=8194,
-        seq_len=256,
-        batch=4,
-        general_steps=30,
-        domain_steps=15,
-        general_lr=2e-3,
-        domain_lr=1e-3,
-        threads=None,
+        vocab_size=16000, hidden=512, heads=8, kv_heads=4, layers=8, intermediate=1408, window=2048,
+        encoder_hidden=256, encoder_layers=4, encoder_heads=4, encoder_intermediate=1024, encoder_positions=8194,
+        seq_len=256, batch=4, general_steps=30, domain_steps=15, general_lr=2e-3, domain_lr=1e-3, threads=None,
     ),
-}
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -151,14 +119,8 @@ class ModelSet:
     @classmethod
     def at(cls, root: Path) -> ModelSet:
         """The standard layout of a built set; the general model is also the starting policy."""
-        return cls(
-            root=root,
-            tokenizer=root / "tokenizer",
-            policy=root / "general",
-            general=root / "general",
-            domain=root / "domain",
-            embedding=root / "embedding",
-        )
+        return cls(root=root, tokenizer=root / "tokenizer", policy=root / "general", general=root / "general",
+                   domain=root / "domain", embedding=root / "embedding")  # fmt: skip
 
     def as_dict(self) -> dict[str, str]:
         """Model name -> path (the root is not a model and is left out)."""
@@ -457,12 +419,10 @@ def _train_bpe(texts: list[str], vocab_size: int, special_tokens: tuple[str, ...
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

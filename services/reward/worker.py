@@ -40,26 +40,13 @@ def weighted_samples(scored: list[ScoredGroup], degenerate_groups: DegenerateGro
         g = s.group
         finish = g.finish_reasons if len(g.finish_reasons) == len(g.responses) else [None] * len(g.responses)
         for i, (text, c) in enumerate(zip(g.responses, results)):
-            samples.append(
-                WeightedSample(
-                    run_id=g.run_id,
-                    iteration=g.iteration,
-                    sample_id=f"{g.group_id}:{i}",
-                    group_id=g.group_id,
-                    response_index=i,
-                    query=g.query,
-                    response=text,
-                    weight=c.weight,
-                    label="desirable" if c.desirable else "undesirable",
-                    parsed=c.parsed,
-                    z=c.z,
-                    rank_sum=c.rank_sum,
-                    metrics=s.metrics[i],
-                    finish_reason=finish[i],
-                    adapter_version=g.adapter_version,
-                    query_source=g.query_source,
-                )
-            )
+            samples.append(WeightedSample(
+                run_id=g.run_id, iteration=g.iteration, sample_id=f"{g.group_id}:{i}", group_id=g.group_id,
+                response_index=i, query=g.query, response=text, weight=c.weight,
+                label="desirable" if c.desirable else "undesirable", parsed=c.parsed, z=c.z, rank_sum=c.rank_sum,
+                metrics=s.metrics[i], finish_reason=finish[i], adapter_version=g.adapter_version,
+                query_source=g.query_source,
+            ))  # fmt: skip
     return samples
 
 

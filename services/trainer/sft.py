@@ -38,16 +38,8 @@ from shared.tiny_models import STRUCTURE_TAGS
 log = logging.getLogger(__name__)
 
 # Paper 4.1: full-parameter SFT, one epoch, lr 1e-6 (LoRA SFT: a LoRA-sized lr).
-_PAPER = {
-    "epochs": 1,
-    "batch_size": 8,
-    "section_tokens": 0,
-    "answer_tokens": 0,
-    "tag_weight": 1.0,
-    "target_tag_rate": 0.0,
-    "max_rounds": 1,
-    "query_generation_examples": 0,
-}
+_PAPER = {"epochs": 1, "batch_size": 8, "section_tokens": 0, "answer_tokens": 0, "tag_weight": 1.0,
+           "target_tag_rate": 0.0, "max_rounds": 1, "query_generation_examples": 0}  # fmt: skip
 PAPER_DEFAULTS = {"full": {**_PAPER, "lr": 1e-6}, "lora": {**_PAPER, "lr": 1e-4}}
 # Models under SMALL_MODEL_PARAMS (the local tiny preset) need far more updates, and short sections:
 # such a model cannot write a coherent long document, so on full-length examples its greedy output loops
@@ -55,17 +47,8 @@ PAPER_DEFAULTS = {"full": {**_PAPER, "lr": 1e-6}, "lora": {**_PAPER, "lr": 1e-4}
 # Answers cut to a random 16-128 tokens (summary and outline 16) teach it answers of varied length, so the
 # m answers of a group differ in L (sampled: 4 to 118 tokens, median 25, where fixed 16-token answers gave ~15).
 SMALL_MODEL_PARAMS = 10_000_000
-_SMALL = {
-    "epochs": 100,
-    "lr": 1e-2,
-    "batch_size": 4,
-    "section_tokens": 16,
-    "answer_tokens": 128,
-    "tag_weight": 5.0,
-    "target_tag_rate": 0.9,
-    "max_rounds": 2,
-    "query_generation_examples": 4,
-}
+_SMALL = {"epochs": 100, "lr": 1e-2, "batch_size": 4, "section_tokens": 16, "answer_tokens": 128, "tag_weight": 5.0,
+          "target_tag_rate": 0.9, "max_rounds": 2, "query_generation_examples": 4}  # fmt: skip
 SMALL_MODEL_DEFAULTS = {"full": _SMALL, "lora": _SMALL}  # the same for both modes
 
 
