@@ -127,7 +127,7 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
     restart to the peak measurably undid the format on the tiny policy)."""
     from services.trainer.config import TrainerSettings
     from services.trainer.model import load_base, load_tokenizer, lora_config, model_config, resolve_runtime
-    from services.trainer.train import Encoder
+    from services.trainer.train import Encoder, Trainer
 
     if opts.mode not in PAPER_DEFAULTS:
         raise ValueError(f"mode must be full or lora, not {opts.mode!r}")
@@ -154,22 +154,29 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
     generation = QueryGenerationExamples(opts.seed_queries, [q for q, _ in examples], chosen["query_generation_examples"])
     encode = Encoder(tokenizer, opts.max_length)
     rng = random.Random(opts.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     tag_ids = torch.tensor(_single_token_ids(tokenizer, [*STRUCTURE_TAGS, tokenizer.eos_token]), device=runtime.device)
-    step_fn = _SftStep(model, params, optimizer, tag_ids, chosen["tag_weight"], tokenizer.pad_token_id or 0, runtime,
-                       settings.micro_batch_tokens)  # fmt: skip
+
+    def token_weights(targets: torch.Tensor) -> torch.Tensor:
+        return torch.where(torch.isin(targets, tag_ids), chosen["tag_weight"], 1.0)
+
     started = time.perf_counter()
     losses: list[float] = []
     rounds: list[dict[str, Any]] = []
     best: tuple[float, int, dict[str, torch.Tensor] | None] = (-1.0, -1, None)  # (tag rate, round, weights)
     torch.manual_seed(opts.seed)
+    optimizer_state = None
     for round_index in range(chosen["max_rounds"]):
         steps_left = opts.max_steps - len(losses) if opts.max_steps else None
         plan = _plan_round(examples, generation, encode, tokenizer, rng, epochs, chosen["batch_size"], section_tokens,
                            opts.seed + round_index * epochs, steps_left, chosen["answer_tokens"])  # fmt: skip
-        peak = lr if round_index == 0 else lr * opts.min_lr_ratio
-        round_losses = [step_fn(step, len(plan), batch, peak, opts, warmup=round_index == 0) for step, batch in enumerate(plan)]
+        # round 1: warm-up and a cosine from lr to lr * min_lr_ratio; later rounds at that final rate, with the
+        # AdamW state carried over (a warm restart to the peak measurably undid the format on the tiny policy)
+        final = lr * opts.min_lr_ratio
+        peak, warmup = (lr, opts.warmup_ratio) if round_index == 0 else (final, 0.0)
+        schedule = {"learning_rate": peak, "min_learning_rate": final, "warmup_ratio": warmup}
+        trainer = Trainer(model, tokenizer, settings.model_copy(update=schedule), runtime, "sft", optimizer_state=optimizer_state)
+        round_losses = [row["loss"] for row in trainer.train_plan(plan, token_weights).metrics]
+        optimizer_state = trainer.optimizer_state_dict()
         losses += round_losses
         rate = (
             sampled_tag_rate(model, tokenizer, probe, _probe_tokens(section_tokens, chosen["answer_tokens"]), opts.seed)
@@ -226,38 +233,6 @@ def _plan_round(examples: list[tuple[str, str]], generation: QueryGenerationExam
         if max_steps and len(plan) >= max_steps:
             return plan[:max_steps]
     return plan
-
-
-class _SftStep:
-    """One optimizer step: token-mean NLL of the batch's responses, structure tags up-weighted."""
-
-    def __init__(self, model: Any, params: list[Any], optimizer: Any, tag_ids: torch.Tensor, tag_weight: float,
-                 pad_id: int, runtime: Any, micro_batch_tokens: int) -> None:  # fmt: skip
-        self.model, self.params, self.optimizer = model, params, optimizer
-        self.tag_ids, self.tag_weight, self.pad_id = tag_ids, tag_weight, pad_id
-        self.runtime, self.micro_batch_tokens = runtime, micro_batch_tokens
-
-    def __call__(self, step: int, steps: int, batch: list[Any], lr: float, opts: SftOptions, warmup: bool) -> float:
-        from services.trainer.batching import cosine_lr
-        from services.trainer.model import response_token_logps
-        from shared.packing import token_budget_batches
-
-        self.model.train()
-        tokens = sum(seq.response_len for seq in batch)
-        total = 0.0
-        for group in token_budget_batches([len(seq.ids) for seq in batch], self.micro_batch_tokens):
-            per_token, _, targets = response_token_logps(self.model, [batch[g] for g in group], self.pad_id, self.runtime)
-            weights = torch.where(torch.isin(targets, self.tag_ids), self.tag_weight, 1.0)
-            loss = -(weights * per_token).sum() / tokens
-            loss.backward()
-            total += float(loss.detach())
-        for group in self.optimizer.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr, lr * opts.min_lr_ratio, opts.warmup_ratio) if warmup else lr
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        log.info("event=sft_step step=%d steps=%d loss=%.4f tokens=%d", step + 1, steps, total, tokens)
-        return total
 
 
 class QueryGenerationExamples:

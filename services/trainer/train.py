@@ -491,20 +491,46 @@ class Trainer:
         if not positives:
             return result
         seqs = [self.encode(x.query, x.response) for x in positives]
+        batches = self._batches(len(seqs), iteration)
+        micro_batch_size = math.ceil(self.settings.batch_size / self.world)
+        return self._epoch(result, batches, iteration, micro_batch_size, self._nll_step(seqs), on_step, started)
+
+    def train_plan(
+        self, plan: list[list[Sequence]], token_weights: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        on_step: StepCallback | None = None,
+    ) -> EpochResult:  # fmt: skip
+        """Token-mean NLL on encoded sequences, one optimizer step per batch of ``plan`` (the SFT stage's
+        rounds); ``token_weights(targets)`` weighs each response token (the SFT stage up-weights the tags)."""
+        seqs = [seq for batch in plan for seq in batch]
+        ends = [0]
+        for batch in plan:
+            ends.append(ends[-1] + len(batch))
+        batches = [list(range(start, end)) for start, end in zip(ends, ends[1:])]
+        result = EpochResult(loss="sft", samples=len(seqs))
+        micro_batch_size = max((len(b) for b in plan), default=1)
+        return self._epoch(
+            result, batches, 0, micro_batch_size, self._nll_step(seqs, token_weights), on_step, time.perf_counter()
+        )
+
+    def _nll_step(self, seqs: list[Sequence], token_weights: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LossStep:
+        """SFT's loss step: the token mean over the whole batch's responses of -log p (times ``token_weights``)."""
 
         def loss_step(batch: list[int], mine: list[int], share: float) -> tuple[dict[str, Any], int]:
             total = sum(seqs[i].response_len for i in batch) / self.world  # token mean over the whole batch
             loss_sum = 0.0
             for group in micro_batches([len(seqs[i].ids) for i in mine], self.token_budget):
-                loss = losses.sft_loss(self._grad_logps([seqs[mine[g]] for g in group]), num_tokens=total)
+                part = [seqs[mine[g]] for g in group]
+                if token_weights is None:
+                    logps = self._grad_logps(part)
+                else:
+                    per_token, _, targets = response_token_logps(self._forward_model, part, self.pad_id, self.runtime)
+                    logps = token_weights(targets) * per_token
+                loss = losses.sft_loss(logps, num_tokens=total)
                 self.optimizer.backward(loss)
                 loss_sum += float(loss.detach())
             return {"loss": loss_sum}, sum(len(seqs[i].ids) for i in mine)
 
-        batches = self._batches(len(seqs), iteration)
-        return self._epoch(
-            result, batches, iteration, math.ceil(self.settings.batch_size / self.world), loss_step, on_step, started
-        )
+        return loss_step
 
     # ---- GRPO: the online RL baseline
 

@@ -148,3 +148,20 @@ def test_grpo_raises_high_advantage_responses(trainer_policy):
     assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-3), "the first step is on the sampling policy"
     for key in ("loss", "lr", "grad_norm", "advantage_mean", "advantage_min", "clip_ratio", "kl"):
         assert key in first
+
+
+def test_train_plan_steps_once_per_batch_and_weighs_tokens(trainer_policy):
+    """The SFT stage's rounds run on the shared epoch loop: one step per batch of the plan, and the token
+    weights scale the token-mean NLL (all weights 3 -> 3x the first step's loss, same starting weights)."""
+    model, tokenizer, runtime, settings = trainer_policy
+    rng = random.Random(1)
+    samples = [_sample(i, 0, 1.0, HIGH_WORDS, rng) for i in range(6)]
+    encode = Trainer(model, tokenizer, settings, runtime, "sft").encode
+    plan = [[encode(s.query, s.response) for s in samples[:4]], [encode(s.query, s.response) for s in samples[4:]]]
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    plain = Trainer(model, tokenizer, settings, runtime, "sft").train_plan(plan)
+    model.load_state_dict(start)
+    tripled = Trainer(model, tokenizer, settings, runtime, "sft").train_plan(plan, lambda targets: torch.full(targets.shape, 3.0))
+    assert [r["step"] for r in plain.metrics] == [1, 2] and plain.steps == 2 and plain.samples == 6
+    assert tripled.metrics[0]["loss"] == pytest.approx(3 * plain.metrics[0]["loss"], rel=1e-5)
+    assert plain.metrics[0]["tokens"] == sum(len(s.ids) for s in plan[0])
