@@ -766,21 +766,17 @@ def _short(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def plan_json(plan: Plan) -> str:
-    return json.dumps(plan.summary(), separators=(",", ":"))
-
-
 # --------------------------------------------------------------------------- the demo's setting
 
 
-# `grace demo` (services/orchestrator/demo.py): K=8, m=8, 3 iterations, 12 held-out queries; the rollout serves the
+# `grace demo` (services/orchestrator/demo.py): K=16, m=8, 3 iterations, 24 held-out queries; the rollout serves the
 # tiny model in fp32, the trainer trains fp32 LoRA rank 16 for 2 epochs without checkpointing (CPU), the
 # reward runs bf16 where the CPU has native bf16. Token counts: means over data/ in the tiny tokenizer
 # (chat prompt of a seed query 248; an SFT response 514, of which the <answer> document 446).
 DEMO_SETTINGS: dict[str, Any] = {
-    "k": 8, "m": 8, "total_queries": 24, "prompt_tokens": 250, "doc_tokens": 450, "summary_tokens": 65,
+    "k": 16, "m": 8, "total_queries": 48, "prompt_tokens": 250, "doc_tokens": 450, "summary_tokens": 65,
     "query_tokens": 94, "lora_rank": 16, "qlora": False, "gradient_checkpointing": False, "epochs": 2,
-    "eval_queries": 12, "rollout_dtype_bytes": 4, "trainer_dtype_bytes": 4, "reward_dtype_bytes": 2, "gpus": 1,
+    "eval_queries": 24, "rollout_dtype_bytes": 4, "trainer_dtype_bytes": 4, "reward_dtype_bytes": 2, "gpus": 1,
 }  # fmt: skip
 
 

@@ -249,7 +249,7 @@ def test_demo_check_on_this_cpu(tmp_path):
     result = CliRunner().invoke(app, ["plan", "--demo", "--compare", str(tmp_path)])
     assert result.exit_code == 0, result.output
     summary = _last_json(result.output)
-    assert summary["k"] == 8 and summary["m"] == 8 and summary["iterations"] == 3
+    assert summary["k"] == 16 and summary["m"] == 8 and summary["iterations"] == 3
     assert summary["measured"]["matmul_fp32_gflop_s"] > 0 and summary["measured"]["copy_gb_s"] > 0
     # seconds to minutes per stage on a CPU, never hours: overheads, not FLOPs, dominate the tiny set
     assert 1 < summary["iteration_s"] < 600
