@@ -32,8 +32,10 @@ from pathlib import Path
 os.environ.setdefault("GRACE_TRAINER_ROPE_SCOPE", "inference_and_training")  # as the demo trains and samples
 
 SHORT = {"L": "length", "E": "diversity", "P": "professionalism", "Rs": "relevance_summary", "Rd": "relevance_document"}
-DEMO_TRAINER = {"lora_rank": 16, "lora_alpha": 32, "learning_rate": 1e-3, "min_learning_rate": 1e-4, "epochs": 2}
-# name -> loss, the metrics the reward ranks on (None = all of eq. 5), trainer settings over the demo's, K, m
+# The demo's trainer settings when the sweep ran (2026-12-04); the demo now trains at lr 3e-3 with K=16, the
+# sweep's variant grace_k16_lr3e-3.
+BASE_TRAINER = {"lora_rank": 16, "lora_alpha": 32, "learning_rate": 1e-3, "min_learning_rate": 1e-4, "epochs": 2}
+# name -> loss, the metrics the reward ranks on (None = all of eq. 5), trainer settings over BASE_TRAINER, K, m
 VARIANTS: dict[str, dict] = {
     "grace": {},
     "kto": {"loss": "kto"},
@@ -101,7 +103,7 @@ def run_cell(variant: str, seed: int, args: dict) -> list[dict]:
     scorer = Scorer(RewardSettings(policy_model=args["policy"], general_model=str(models / "general"), device=args["device"],
                                    domain_model=str(models / "domain"), embedding_model=str(models / "embedding"), dtype="fp32"))  # fmt: skip
     settings = TrainerSettings(policy_model=args["policy"], quantization="none", precision="fp32", attn_implementation="sdpa",
-                               gradient_checkpointing="off", seed=seed, **{**DEMO_TRAINER, **spec.get("trainer", {})})  # fmt: skip
+                               gradient_checkpointing="off", seed=seed, **{**BASE_TRAINER, **spec.get("trainer", {})})  # fmt: skip
     model, tokenizer, runtime = load_policy(settings)
     held_out = probe_queries(Path("data/test_queries.jsonl"), 24)
     pool = [row["query"] for row in read_queries(Path("data/seed_queries.jsonl"))]
@@ -126,17 +128,22 @@ def run_cell(variant: str, seed: int, args: dict) -> list[dict]:
     return rows
 
 
+def seed_means(rows: list[dict], variant: str, round_: int) -> dict[int, dict[str, float | None]]:
+    """Per seed: each metric's mean over the held-out queries (None when no answer parsed) and the parse rate."""
+    out = {}
+    for seed in sorted({r["seed"] for r in rows}):
+        mine = [r for r in rows if (r["variant"], r["round"], r["seed"]) == (variant, round_, seed)]
+        if mine:
+            out[seed] = {s: statistics.mean(v) if (v := [r[s] for r in mine if r[s] is not None]) else None
+                         for s in [*SHORT, "parsed"]}  # fmt: skip
+    return out
+
+
 def summarize(rows: list[dict]) -> dict:
-    """Per variant and round: each metric's mean over queries, then mean and sd over seeds."""
+    """Per variant and round: each metric's seed means, then their mean and sd over seeds."""
     out: dict = {}
-    cells = sorted({(r["variant"], r["round"]) for r in rows})
-    for variant, round_ in cells:
-        part = [r for r in rows if (r["variant"], r["round"]) == (variant, round_)]
-        per_seed = {}
-        for seed in sorted({r["seed"] for r in part}):
-            mine = [r for r in part if r["seed"] == seed]
-            per_seed[seed] = {s: statistics.mean(v) if (v := [r[s] for r in mine if r[s] is not None]) else None
-                              for s in [*SHORT, "parsed"]}  # fmt: skip
+    for variant, round_ in sorted({(r["variant"], r["round"]) for r in rows}):
+        per_seed = seed_means(rows, variant, round_)
         stats = {}
         for s in [*SHORT, "parsed"]:
             values = [v[s] for v in per_seed.values() if v[s] is not None]
@@ -155,19 +162,15 @@ def report(rows: list[dict]) -> str:
     last = max(r["round"] for r in rows)
     seeds = sorted({r["seed"] for r in rows})
 
-    def per_seed(variant: str, round_: int) -> list[dict]:
-        out = []
-        for seed in seeds:
-            mine = [r for r in rows if (r["variant"], r["round"], r["seed"]) == (variant, round_, seed)]
-            means = {METRICS[s]: statistics.mean(v) if (v := [r[s] for r in mine if r[s] is not None]) else None for s in METRICS}
-            out.append({**means, "parsed": statistics.mean(r["parsed"] for r in mine)})
-        return out
+    def per_seed(variant: str, round_: int) -> list[dict]:  # long metric names, as method_table reads them
+        return [{METRICS.get(k, k): v for k, v in means.items()} for means in seed_means(rows, variant, round_).values()]
 
     def units(variant: str, round_: int) -> dict:
         return {(r["seed"], r["query"]): r for r in rows if (r["variant"], r["round"]) == (variant, round_)}
 
     def cell(values: list[float], digits: int) -> str:
-        return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+        sd = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+        return f"{statistics.mean(values):.{digits}f}{sd}" if values else "-"
 
     variants = sorted({r["variant"] for r in rows})
     lines = [f"{len(seeds)} seeds; round {last}, mean ± sd over seeds of the per-seed means", "",
@@ -177,7 +180,7 @@ def report(rows: list[dict]) -> str:
         digits = {"professionalism": 0, "length": 1, "diversity": 2}
         lines.append(
             f"| {name} | "
-            + " | ".join(cell([t[k] for t in table], digits.get(k, 3)) for k in [*METRICS.values(), "parsed"])
+            + " | ".join(cell([t[k] for t in table if t[k] is not None], digits.get(k, 3)) for k in [*METRICS.values(), "parsed"])
             + " |"
         )
     lines += ["", "| budget | avg rank sft / kto / grace (seed means) | grace - kto, per unit (p) | grace - sft, per unit (p) |",
