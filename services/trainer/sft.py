@@ -169,8 +169,7 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
         steps_left = opts.max_steps - len(losses) if opts.max_steps else None
         plan = _plan_round(examples, generation, encode, tokenizer, rng, epochs, chosen["batch_size"], section_tokens,
                            opts.seed + round_index * epochs, steps_left, chosen["answer_tokens"])  # fmt: skip
-        # round 1: warm-up and a cosine from lr to lr * min_lr_ratio; later rounds at that final rate, with the
-        # AdamW state carried over (a warm restart to the peak measurably undid the format on the tiny policy)
+        # the schedule of the docstring on the trainer's epoch loop; the AdamW state carries over between rounds
         final = lr * opts.min_lr_ratio
         peak, warmup = (lr, opts.warmup_ratio) if round_index == 0 else (final, 0.0)
         schedule = {"learning_rate": peak, "min_learning_rate": final, "warmup_ratio": warmup}

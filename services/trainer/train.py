@@ -19,6 +19,7 @@ group-relative advantages from the rank-sum z-scores, no critic).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -502,9 +503,7 @@ class Trainer:
         """Token-mean NLL on encoded sequences, one optimizer step per batch of ``plan`` (the SFT stage's
         rounds); ``token_weights(targets)`` weighs each response token (the SFT stage up-weights the tags)."""
         seqs = [seq for batch in plan for seq in batch]
-        ends = [0]
-        for batch in plan:
-            ends.append(ends[-1] + len(batch))
+        ends = list(itertools.accumulate((len(batch) for batch in plan), initial=0))
         batches = [list(range(start, end)) for start, end in zip(ends, ends[1:])]
         result = EpochResult(loss="sft", samples=len(seqs))
         micro_batch_size = max((len(b) for b in plan), default=1)
