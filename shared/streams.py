@@ -42,8 +42,9 @@ class StreamConsumer:
     """One consumer in a consumer group of one stream.
 
     ``read`` hands out, in this order: this consumer's own pending entries
-    (left from before a restart under the same name), entries of dead
-    consumers idle for ``min_idle_ms``, then new entries.
+    (left from before a restart under the same name, or from before a lost
+    connection), entries of dead consumers idle for ``min_idle_ms``, then new
+    entries.
     """
 
     def __init__(
@@ -77,6 +78,18 @@ class StreamConsumer:
                 raise
 
     def read(self, count: int = 16, block_ms: int | None = 1000) -> list[StreamEntry]:
+        try:
+            return self._read(count, block_ms)
+        except (redis.ConnectionError, redis.TimeoutError):
+            self._lost_connection()
+            raise
+
+    def _lost_connection(self) -> None:
+        """After a Redis outage our own pending entries come first again: an ack sent in the server's last
+        second (appendfsync everysec) may be lost, and the entry would otherwise wait for the idle reclaim."""
+        self._own_pending_done = False
+
+    def _read(self, count: int, block_ms: int | None) -> list[StreamEntry]:
         if not self._own_pending_done:
             entries = self._xreadgroup("0", count, None)
             if entries:
@@ -125,7 +138,11 @@ class StreamConsumer:
         return {as_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
 
     def ack(self, *ids: str) -> int:
-        return self.client.xack(self.stream, self.group, *ids) if ids else 0
+        try:
+            return self.client.xack(self.stream, self.group, *ids) if ids else 0
+        except (redis.ConnectionError, redis.TimeoutError):
+            self._lost_connection()
+            raise
 
     def dead_letter(self, entry: StreamEntry, reason: str) -> None:
         """Moves an entry to ``<stream>:dead`` with the reason, then acks it.

@@ -50,6 +50,29 @@ def test_restarted_consumer_rereads_its_own_pending(redis_client):
     assert again.id == entry.id and again.deliveries == 2
 
 
+def test_after_a_lost_connection_the_consumer_rereads_its_own_pending(redis_client, monkeypatch):
+    """An ack lost in a Redis outage: the entry is still pending on this consumer, and the next read after the
+    connection error hands it out again at once, not after the idle reclaim (60 s here)."""
+    publish(redis_client, STREAM_ROLLOUTS, _group(0))
+    consumer = StreamConsumer(redis_client, STREAM_ROLLOUTS, "reward", "worker-1")
+    (entry,) = consumer.read(block_ms=50)  # delivered; its ack never reaches the server
+    real = redis_client.xreadgroup
+    calls = []
+
+    def outage_once(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise redis.ConnectionError("Connection refused")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(redis_client, "xreadgroup", outage_once)
+    with pytest.raises(redis.ConnectionError):
+        consumer.read(block_ms=50)
+    (again,) = consumer.read(block_ms=50)
+    assert again.id == entry.id and again.deliveries == 2
+    assert consumer.ack(again.id) == 1 and consumer.read(block_ms=50) == []
+
+
 def _consume_without_ack(url: str, ready) -> None:
     client = redis.Redis.from_url(url)
     StreamConsumer(client, STREAM_ROLLOUTS, "reward", "doomed").read(count=10, block_ms=1000)
