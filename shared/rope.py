@@ -54,6 +54,14 @@ class RopeConfig(BaseModel):
         return " ".join(f"{name}={value}" for name, value in self.model_dump().items())
 
 
+def yarn_parameters(factor: float, native: int, rope_theta: float) -> dict:
+    """transformers' / vLLM's ``rope_parameters`` for YaRN over ``native`` positions; pair it with
+    ``max_position_embeddings = factor * native``. rope_theta is repeated on purpose: vLLM falls back to 1e6
+    without it."""
+    return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": native,
+            "rope_theta": rope_theta}  # fmt: skip
+
+
 class RopeMismatch(ValueError):
     """A run asks for other RoPE settings than a service is set to: that service refuses the run."""
 

@@ -309,18 +309,10 @@ def native_window(model_dir: str | Path) -> int:
 
 
 def yarn_rope_parameters(model_dir: str | Path, factor: float = 4.0, native: int | None = None) -> dict[str, Any]:
-    """YaRN rope parameters for ``factor`` x the native window (``native``, else the model's config).
+    """``shared.rope.yarn_parameters`` for the model in ``model_dir`` (its native window unless ``native``)."""
+    from shared.rope import yarn_parameters
 
-    rope_theta is repeated on purpose: vLLM falls back to 1e6 without it. Pair
-    it with ``max_position_embeddings = factor * native``.
-    """
-    config = _model_config(model_dir)
-    return {
-        "rope_type": "yarn",
-        "factor": float(factor),
-        "original_max_position_embeddings": native or native_window(model_dir),
-        "rope_theta": _rope_theta(config),
-    }
+    return yarn_parameters(factor, native or native_window(model_dir), _rope_theta(_model_config(model_dir)))
 
 
 def weights_checksum(model_dir: str | Path) -> str:

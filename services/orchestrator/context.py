@@ -26,6 +26,7 @@ from typing import Literal
 from services.orchestrator.options import default_out
 from shared.cli_options import opt
 from shared.jsonl import read_jsonl
+from shared.rope import yarn_parameters
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,7 @@ def rope_setup(method: str, factor: float, native: int, rope_theta: float) -> tu
         return {"rope_type": "default", "rope_theta": rope_theta}, native if factor == 1 else int(native * factor)
     if method == "dynamic":
         return {"rope_type": "dynamic", "factor": float(factor), "rope_theta": rope_theta}, native
-    return (
-        {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": native, "rope_theta": rope_theta},
-        int(native * factor),
-    )
+    return yarn_parameters(factor, native, rope_theta), int(native * factor)
 
 
 def text_sources(data_dir: Path = DATA_DIR) -> list[str]:

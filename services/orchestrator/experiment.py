@@ -5,9 +5,8 @@ Methods (every one gets the same query budget N, the same m and the same seeds):
 - ``sft``: the starting (SFT) policy itself, evaluated, no training (the baseline row);
 - ``kto``, ``dpo``, ``orpo``: the semi-online loop with that loss (ceil(N/K) rounds of K queries);
 - ``grace_offline``: GRACE-KTO offline, one round of all N queries sampled from the starting policy;
-- ``grace``: GRACE-KTO semi-online.
-
-GRPO (issue 13 point 3) is not implemented yet and is not a method here.
+- ``grace``: GRACE-KTO semi-online;
+- ``grpo``: GRPO, the online RL baseline (group-relative advantages from the same rewards, semi-online rounds).
 
 Each (method, seed) cell is its own run, id ``<experiment>-<method>-s<seed>``, with ``RunConfig.seed`` =
 the seed (query plan, sampling, LoRA init, batch order), so a stopped experiment resumes cell by cell.
