@@ -36,6 +36,11 @@ def opt(default: Any = MISSING, help: str | None = None, *flags: str, default_fa
     return field(default=default, default_factory=default_factory, metadata={"help": help, "flags": flags, **cli})
 
 
+def comma_list(value: str) -> tuple[str, ...]:
+    """A ``parse`` for comma-separated values: 'a, b,' -> ('a', 'b')."""
+    return tuple(x.strip() for x in value.split(",") if x.strip())
+
+
 def _flag(f) -> str:
     return next((x for x in f.metadata.get("flags", ()) if x.startswith("--")), "--" + f.name.replace("_", "-"))
 

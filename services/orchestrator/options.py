@@ -1,15 +1,19 @@
-"""The options of `grace demo`, `grace experiment` and `grace eval`: each field is also its CLI option
-(shared/cli_options.py). Kept apart from the modules that run them, which import heavy libraries, since the CLI
-loads these to build its commands."""
+"""The options of `grace stack up`, `grace run`, `grace rollout-iteration`, `grace demo`, `grace experiment` and
+`grace eval`: each field is also its CLI option (shared/cli_options.py). Kept apart from the modules that run them,
+which import heavy libraries, since the CLI loads these to build its commands."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from shared.cli_options import opt
+from shared.cli_options import comma_list, opt
 from shared.tracking import parse_report_to
+
+if TYPE_CHECKING:
+    from services.orchestrator.loop import RunOptions
 
 METHODS = ("sft", "kto", "dpo", "orpo", "grace_offline", "grace", "grpo")
 REPORT_TO_HELP = (
@@ -33,6 +37,58 @@ def default_out(prefix: str) -> Path:
 
 
 @dataclass
+class StackOptions:
+    stack_dir: Path = opt(Path("runs/stack"), "settings, logs, Redis data and stack.json go here")
+    services: tuple[str, ...] = opt(("rollout", "reward", "trainer", "judge"), "comma-separated services to start",
+                                    cli_type=str, cli_default="rollout,reward,trainer,judge", parse=comma_list)  # fmt: skip
+    policy_model: str | None = opt(None, "policy model folder (default: settings / tiny set)")
+    adapter_root: Path | None = opt(None, "adapter store (default: <stack-dir>/adapters)")
+    run_root: Path | None = opt(None, "run folders (default: runs)")
+    rollout_replicas: int = opt(1, "rollout services, each with its own vLLM; runs spread sampling over them", min=1)
+
+
+@dataclass
+class RunCommandOptions:
+    run_id: str = opt(..., "run id; the same id continues an interrupted run")
+    iterations: int = opt(3, "semi-online iterations (ignored with --total-queries)")
+    queries: int = opt(8, "K new queries per iteration (paper: 250 or 500)", "--queries", "-k")
+    total_queries: int | None = opt(None, "query budget N (paper: 1000): ceil(N/K) iterations; offline: all N at once",
+                                    "--total-queries", "-n", min=1)  # fmt: skip
+    responses: int = opt(8, "m responses per query (paper: 8)", "--responses", "-m")
+    loss: str = opt("grace_kto", "grace_kto, or a baseline: kto, dpo, orpo, sft, grpo")
+    offline: bool = opt(False, "GRACE (offline): N queries generated once, sampled once from the starting policy, "
+                        "calibrated as one dataset, trained --epochs epochs", "--offline")  # fmt: skip
+    epochs: int | None = opt(None, "epochs per round (default: the trainer's setting, 1)", min=1)
+    stack_dir: Path = opt(Path("runs/stack"), "folder of the running stack (its stack.json)")
+    run_root: Path = opt(Path("runs"), "the run folder is <run-root>/<run-id>")
+    eval_limit: int = opt(8, "held-out requests evaluated per iteration")
+    judge: bool = opt(False, "also judge the held-out responses with the judge service")
+    report_to: tuple[str, ...] = opt((), REPORT_TO_HELP, cli_type=str, cli_default="none", parse=parse_report_to)
+
+    def run_options(self) -> RunOptions:
+        """The run's config and options, as the loop takes them."""
+        from services.orchestrator.loop import RunOptions
+        from shared.runs import RunConfig
+        from shared.tracking import TrackingOptions
+
+        config = RunConfig.from_budget(self.run_id, total_queries=self.total_queries, k=self.queries, offline=self.offline,
+                                       iterations=self.iterations, responses_per_query=self.responses, loss=self.loss,
+                                       epochs=self.epochs)  # fmt: skip
+        return RunOptions(config=config, run_dir=self.run_root / self.run_id, eval_limit=self.eval_limit, judge=self.judge,
+                          tracking=TrackingOptions(report_to=self.report_to))  # fmt: skip
+
+
+@dataclass
+class RolloutIterationOptions:
+    iteration: int = opt(..., "iteration number")
+    run_id: str | None = opt(None, "run id (default: settings.run_id)")
+    k: int | None = opt(None, "K queries (default: the run's config, else settings)")
+    m: int | None = opt(None, "m responses per query (default: the run's config, else settings)")
+    offline: bool | None = opt(None, "the offline round: K queries generated once (source offline)", "--offline/--online")
+    gateway_url: str | None = opt(None, "rollout gateway URL (default: settings.gateway_url)")
+
+
+@dataclass
 class DemoOptions:
     work_dir: Path = opt(Path("runs/demo"), "models, SFT policy, stack and runs go here")
     run_id: str | None = opt(None, "continue this run id (default: a new one)")
@@ -49,7 +105,7 @@ class DemoOptions:
 class ExperimentOptions:
     name: str = opt("experiment", "experiment id: outputs in <run-root>/<name>/, cells <name>-<method>-s<seed>")
     methods: tuple[str, ...] = opt(METHODS, "comma-separated methods", cli_type=str, cli_default=",".join(METHODS),
-                                   parse=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()))  # fmt: skip
+                                   parse=comma_list)  # fmt: skip
     seeds: int = opt(3, "seeds per method (S)", min=1)
     total_queries: int | None = opt(48, "query budget N of every method (0: K x --iterations)", "--total-queries", "-n",
                                     min=0, parse=or_none)  # fmt: skip

@@ -40,6 +40,7 @@ import torch
 
 from services.reward import metrics as M
 from services.reward.calibration import calibrate
+from services.reward.options import RewardBenchOptions
 from shared.bench_report import save_figure, write_json, write_markdown
 from shared.jsonl import read_queries
 from shared.parsing import extract_structured
@@ -202,11 +203,7 @@ def compare(service: list[list[Metrics | None]], naive: list[list[Metrics | None
     }
 
 
-def run_bench(
-    queries: int = 2, responses: int = 8, preset: str = "small", max_doc_tokens: int = 2600,
-    models_dir: Path | None = None, dtype: str = "auto", threads: int | None = None, out_dir: Path | None = None,
-    seed: int = 0, naive_batch: int = 8,
-) -> dict:  # fmt: skip
+def run_bench(opts: RewardBenchOptions) -> dict:
     from rich.console import Console
     from rich.table import Table
 
@@ -214,25 +211,26 @@ def run_bench(
     from services.reward.scorer import Scorer
     from shared.tiny_models import ModelSet, ensure_model_set
 
+    queries, responses, preset, seed = opts.queries, opts.responses, opts.preset or "small", opts.seed
     console = Console(stderr=True)
     torch.manual_seed(seed)
-    if threads:
-        torch.set_num_threads(threads)  # both paths and the matmul bound run with the same threads
-    models = ModelSet.at(Path(models_dir).resolve()) if models_dir else ensure_model_set(preset)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)  # both paths and the matmul bound run with the same threads
+    models = ModelSet.at(Path(opts.models).resolve()) if opts.models else ensure_model_set(preset)
     settings = RewardSettings(
         policy_model=str(models.policy), general_model=str(models.general), domain_model=str(models.domain),
-        embedding_model=str(models.embedding), worker=False, dtype=dtype,
+        embedding_model=str(models.embedding), worker=False, dtype=opts.dtype,
     )  # fmt: skip
     with console.status("loading models"):
         scorer = Scorer(settings)
         naive = load_naive(models, scorer.prefix_id, scorer.window)
-    groups = make_workload(scorer.tokenizer, queries, responses, 300, max_doc_tokens, seed)
+    groups = make_workload(scorer.tokenizer, queries, responses, 300, opts.max_doc_tokens, seed)
     doc_tokens = [
         len(scorer.tokenizer(extract_structured(r).answer, add_special_tokens=False)["input_ids"]) for _, rs in groups for r in rs
     ]
     warm_up = [(groups[0][0], groups[0][1][:1])]  # both paths: allocator, kernels, lazy init
     scorer.score(warm_up)
-    naive_score(naive, warm_up, settings.ngram_n, naive_batch)
+    naive_score(naive, warm_up, settings.ngram_n, opts.naive_batch)
     config = scorer.general.model.config
     shape = (4096, config.hidden_size, config.intermediate_size)  # the models' own biggest matmul
     bound_before = matmul_flops_per_s(scorer.dtype, shape)
@@ -246,7 +244,7 @@ def run_bench(
         return scored, stats
 
     def naive_path():
-        scored = naive_score(naive, groups, settings.ngram_n, naive_batch)
+        scored = naive_score(naive, groups, settings.ngram_n, opts.naive_batch)
         calibrate(scored)
         return scored
 
@@ -310,7 +308,7 @@ def run_bench(
     table.add_row("naive script", f"{naive_s:.2f}", f"{n / naive_s:.2f}", "fp32, evaluate-style padded PPL, compute_score")
     table.add_row("speedup", f"{result['speedup']:.2f}x", "", "")
     console.print(table)
-    _write(out_dir, result)
+    _write(opts.out_dir, result)
     print(json.dumps(result))
     return result
 

@@ -6,21 +6,20 @@ from pathlib import Path
 
 import typer
 
+from services.reward.options import RewardBenchOptions, RewardServeOptions
+from shared.cli_options import from_options
 
-def serve(
-    host: str = typer.Option(None, help="bind address (default: settings, 127.0.0.1)"),
-    port: int = typer.Option(None, help="port (default: settings, 8100)"),
-    no_worker: bool = typer.Option(False, "--no-worker", help="HTTP API only, no rollouts-stream worker"),
-    worker_only: bool = typer.Option(False, "--worker-only", help="the rollouts-stream worker only, no HTTP"),
-) -> None:
+
+@from_options(RewardServeOptions)
+def serve(options: RewardServeOptions) -> None:
     """Reward service: scoring API (+ the rollouts-stream worker when Redis is configured)."""
     from services.reward.config import RewardSettings
 
-    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
-    if no_worker:
+    overrides = {k: v for k, v in {"host": options.host, "port": options.port}.items() if v is not None}
+    if options.no_worker:
         overrides["worker"] = False
     settings = RewardSettings(**overrides)
-    if worker_only:
+    if options.worker_only:
         _run_worker_only(settings)
         return
     import uvicorn
@@ -71,44 +70,18 @@ def score(
     typer.echo(f"wrote {n} groups to {out}")
 
 
-def bench(
-    queries: int = typer.Option(2, min=1, help="queries (x m responses each) in the workload; with --load, per request"),
-    responses: int = typer.Option(8, min=2, help="m: responses per query"),
-    preset: str = typer.Option(None, help="model preset (default: small, tens of millions of params; tiny with --load)"),
-    max_doc_tokens: int = typer.Option(2600, help="longest document, in tokens (> the 2048 window)"),
-    models: Path = typer.Option(None, help="an already built model set folder (default: the cached preset set)"),
-    dtype: str = typer.Option("auto", help="service path dtype: auto (bf16 where the CPU has it), bf16, fp32"),
-    threads: int = typer.Option(
-        1,
-        min=0,
-        help="torch threads for both paths and the matmul bound (0 = torch default); on a shared "
-        "machine 1 avoids OpenMP threads waiting on a preempted peer",
-    ),
-    out_dir: Path = typer.Option(None, help="run folder for the table and JSON (default: runs/bench-reward-<time>)"),
-    seed: int = typer.Option(0),
-    load: bool = typer.Option(False, "--load", help="load test: concurrent clients against POST /v1/score"),
-    clients: int = typer.Option(8, min=1, help="--load: concurrent clients (C)"),
-    seconds: float = typer.Option(30.0, min=0.1, help="--load: seconds new requests are started (T)"),
-    url: str = typer.Option(None, help="--load: reward service to load (default: start one, small admission limits)"),
-    api_key: str = typer.Option(None, envvar="GRACE_REWARD_API_KEY", help="--load: bearer key for --url"),
-) -> None:
+@from_options(RewardBenchOptions)
+def bench(options: RewardBenchOptions) -> None:
     """Service scoring path vs the script a user would write (fp32 padded perplexity + FlagEmbedding compute_score);
     with --load, throughput, latency and 503s of C clients for T seconds, with no answer lost or duplicated."""
-    if load:
+    if options.load:
         from services.reward.load_bench import run_load_bench
 
-        run_load_bench(
-            clients=clients, seconds=seconds, url=url, api_key=api_key if url else None, groups=queries,
-            responses=responses, preset=preset or "tiny", dtype=dtype, threads=threads or None, out_dir=out_dir,
-            seed=seed,
-        )  # fmt: skip
+        run_load_bench(options)
         return
     from services.reward.bench import run_bench
 
-    run_bench(
-        queries=queries, responses=responses, preset=preset or "small", max_doc_tokens=max_doc_tokens,
-        models_dir=models, dtype=dtype, threads=threads or None, out_dir=out_dir, seed=seed,
-    )  # fmt: skip
+    run_bench(options)
 
 
 COMMANDS = {"score": score}

@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 
 from services.reward.client import AsyncRewardClient
+from services.reward.options import RewardBenchOptions
 from shared.bench_report import save_figure, write_json, write_markdown
 from shared.schemas import ScoreResponse
 
@@ -235,23 +236,14 @@ def _own_service(preset: str, dtype: str, threads: int | None, log_path: Path, a
     return ServiceProcess("reward-load", command, log_path, health_url=health, env=env, cwd=ROOT), f"http://127.0.0.1:{port}"
 
 
-def run_load_bench(
-    clients: int = 8,
-    seconds: float = 30.0,
-    url: str | None = None,
-    api_key: str | None = None,
-    groups: int = 1,
-    responses: int = 4,
-    preset: str = "tiny",
-    dtype: str = "auto",
-    threads: int | None = 1,
-    out_dir: Path | None = None,
-    seed: int = 0,
-) -> dict:
+def run_load_bench(opts: RewardBenchOptions) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    out_dir = out_dir or Path("runs") / f"bench-reward-load-{time.strftime('%Y%m%d-%H%M%S')}"
+    clients, seconds, groups, responses = opts.clients, opts.seconds, opts.queries, opts.responses
+    url, api_key = opts.url, opts.api_key if opts.url else None  # --api-key is --url's
+    preset, dtype, threads = opts.preset or "tiny", opts.dtype, opts.threads or None
+    out_dir = opts.out_dir or Path("runs") / f"bench-reward-load-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir.mkdir(parents=True, exist_ok=True)
     service = None
     if url is None:  # a key of its own: an inherited GRACE_REWARD_API_KEY must not lock the bench out
@@ -264,7 +256,7 @@ def run_load_bench(
         if service is not None:
             with Console(stderr=True).status(f"starting the reward service ({preset} models)"):
                 service.wait_healthy(timeout=300)
-        run, elapsed = asyncio.run(drive(url_used, api_key, clients, seconds, groups, responses, seed))
+        run, elapsed = asyncio.run(drive(url_used, api_key, clients, seconds, groups, responses, opts.seed))
     finally:
         if service is not None:
             service.stop()

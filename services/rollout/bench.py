@@ -32,10 +32,11 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from shared.bench_report import save_figure, write_json, write_markdown
+from shared.cli_options import comma_list, opt
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,16 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 @dataclass
 class BenchConfig:
-    presets: list[str] = field(default_factory=lambda: ["tiny", "small"])
-    queries: int = 8
-    responses: int = 4
-    min_tokens: int = 64
-    max_tokens: int = 256
-    repeats: int = 3
-    swaps: int = 3
-    lora_rank: int = 8
-    out_dir: Path = Path("runs/bench/rollout")
+    presets: tuple[str, ...] = opt(("tiny", "small"), "comma-separated local model presets to measure", cli_type=str,
+                                   cli_default="tiny,small", parse=comma_list)  # fmt: skip
+    queries: int = opt(8, "K queries of the workload")
+    responses: int = opt(4, "m responses per query")
+    min_tokens: int = opt(64, "shortest response (tokens)")
+    max_tokens: int = opt(256, "longest response (tokens); lengths vary between the two")
+    repeats: int = opt(3, "timed (service, raw vLLM) pass pairs; medians count")
+    swaps: int = opt(3, cli=False)
+    lora_rank: int = opt(8, cli=False)
+    out_dir: Path = opt(Path("runs/bench/rollout"), "table, plot and JSON go here")
 
 
 class RandomLora:

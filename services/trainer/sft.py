@@ -29,11 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from shared.cli_options import opt
 from shared.jsonl import read_jsonl, read_queries
 from shared.rope import RopeConfig, check_rope
-from shared.tiny_models import STRUCTURE_TAGS
 
 log = logging.getLogger(__name__)
 
@@ -52,34 +50,40 @@ _SMALL = {"epochs": 100, "lr": 1e-2, "batch_size": 4, "section_tokens": 16, "ans
 SMALL_MODEL_DEFAULTS = {"full": _SMALL, "lora": _SMALL}  # the same for both modes
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SftOptions:
-    out: Path
-    data: Path = Path("data/sft.jsonl")
-    base: str | None = None
-    mode: str = "full"
+    data: Path = opt(Path("data/sft.jsonl"), "jsonl with 'query' and a tagged 'response'")
+    out: Path = opt(..., "folder of the starting policy (merged model + tokenizer, safetensors)")
+    base: str | None = opt(None, "base model folder (default: GRACE_TRAINER_POLICY_MODEL or the tiny policy)")
+    mode: str = opt("full", "full (all parameters, the paper's SFT) or lora (merged after training)")
     # None = the default for the model's size (PAPER_DEFAULTS or SMALL_MODEL_DEFAULTS)
-    epochs: int | None = None
-    lr: float | None = None
-    batch_size: int | None = None
-    section_tokens: int | None = None
-    answer_tokens: int | None = None  # > section_tokens: answers cut to a random length up to this
-    max_steps: int | None = None
-    max_length: int = 2048
+    epochs: int | None = opt(None, "passes over the data (default: 1 as the paper; 50 for models under 10M parameters)")
+    lr: float | None = opt(None, "peak learning rate (default: 1e-6 full / 1e-4 LoRA as the paper; 1e-2 under 10M parameters)")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps")
+    batch_size: int | None = opt(None, "examples per step (default: 8; 4 under 10M parameters)")
+    max_length: int = opt(2048, "longest example in tokens (longer responses are cut)")
+    section_tokens: int | None = opt(None, "cut each tagged section to N tokens (0 = off; default: 16 for models under 10M "
+                                     "parameters, else off)")  # fmt: skip
+    answer_tokens: int | None = opt(None, "cut answers to a random length up to N tokens, >= --section-tokens (default: off; "
+                                    "128 under 10M parameters)")  # fmt: skip
+    # the end of turn is weighted as a tag
+    tag_weight: float | None = opt(None, "loss weight of the structure tags (default: 1; 5 under 10M parameters)")
+    target_tag_rate: float | None = opt(None, "train in rounds until this share of sampled seed-query answers parses "
+                                        "(default: off; 0.9 under 10M parameters)")  # fmt: skip
+    max_rounds: int | None = opt(None, "most rounds of --epochs epochs (default: 1; 2 under 10M parameters)")
+    # a turn: the 3.2 prompt on seed queries -> a one-line list holding an SFT query (the tiny policy generates the demo's)
+    query_generation_examples: int | None = opt(None, "3.2 query-generation turns per epoch (default: 0; 4 under 10M "
+                                                "parameters, the demo's generator)")  # fmt: skip
     seed: int = 0
-    min_lr_ratio: float = 0.1
-    warmup_ratio: float = 0.1
-    tag_weight: float | None = None  # loss weight of the structure tags and end of turn
-    target_tag_rate: float | None = None  # train in rounds until this share of sampled probe answers parses (0 = one round)
-    max_rounds: int | None = None
-    # query-generation turns (3.2 prompt on seed queries -> a one-line list holding an SFT query) per epoch:
-    # the tiny policy is also the demo's query generator
-    query_generation_examples: int | None = None
-    seed_queries: Path = Path("data/seed_queries.jsonl")  # the rollout's seed set: probe and generation prompts
-    probe_size: int = 48
     # the run's RoPE setting (RunConfig.rope) to check the trainer settings against; None = not checked
-    rope: RopeConfig | None = None
-    run_id: str = "sft"
+    rope: RopeConfig | None = opt(
+        None, 'the run\'s RoPE setting to check against, as JSON ({"yarn_factor", "native_window", "scope"})', cli_type=str,
+        parse=lambda v: RopeConfig.model_validate_json(v) if v else None)  # fmt: skip
+    min_lr_ratio: float = opt(0.1, cli=False)
+    warmup_ratio: float = opt(0.1, cli=False)
+    seed_queries: Path = opt(Path("data/seed_queries.jsonl"), cli=False)  # the rollout's seed set: probe and generation prompts
+    probe_size: int = opt(48, cli=False)
+    run_id: str = opt("sft", cli=False)
 
 
 def load_examples(path: Path) -> list[tuple[str, str]]:
@@ -125,9 +129,12 @@ def run_sft(opts: SftOptions) -> dict[str, Any]:
     the target, ``max_rounds`` or ``max_steps``; saves the round with the best rate. The first round follows a cosine
     schedule from ``lr`` to ``lr * min_lr_ratio``; later rounds continue at the final rate (a warm
     restart to the peak measurably undid the format on the tiny policy)."""
+    import torch
+
     from services.trainer.config import TrainerSettings
     from services.trainer.model import load_base, load_tokenizer, lora_config, model_config, resolve_runtime
     from services.trainer.train import Encoder, Trainer
+    from shared.tiny_models import STRUCTURE_TAGS
 
     if opts.mode not in PAPER_DEFAULTS:
         raise ValueError(f"mode must be full or lora, not {opts.mode!r}")
@@ -299,6 +306,8 @@ def sample_answers(model: Any, tokenizer: Any, queries: list[str], max_new_token
                    temperature: float = 1.0, top_p: float = 0.95) -> list[str]:  # fmt: skip
     """One sampled answer per query under the 3.1 chat prompt, sampled as the rollout samples (temperature 1,
     top-p 0.95), not greedily: the iterations train on sampled responses."""
+    import torch
+
     from shared.prompts import chat_messages
 
     model.eval()

@@ -4,6 +4,7 @@ import json
 
 from services.reward.bench import make_workload, run_bench
 from services.reward.load_bench import check_answers, percentile, run_load_bench
+from services.reward.options import RewardBenchOptions
 from shared.parsing import extract_structured
 from shared.schemas import GroupResult, ResponseResult, ScoreResponse
 
@@ -20,7 +21,9 @@ def test_workload_spans_the_requested_lengths(reward_scorer):
 
 
 def test_bench_runs_and_prints_json_last(tiny_models, tmp_path, capsys):
-    result = run_bench(queries=1, responses=3, models_dir=tiny_models.root, max_doc_tokens=420, out_dir=tmp_path, dtype="fp32")
+    options = RewardBenchOptions(queries=1, responses=3, models=tiny_models.root, max_doc_tokens=420, out_dir=tmp_path,
+                                 dtype="fp32", threads=0)  # fmt: skip
+    result = run_bench(options)
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == result
     assert result["speedup"] > 0 and 0 < result["matmul_bound_fraction"] < 5
@@ -48,7 +51,8 @@ def test_answer_check_finds_lost_duplicated_and_mismatched():
 
 def test_load_bench_loses_nothing_and_retries_503s(tiny_models, tmp_path, capsys):
     # its own service admits one job and 2 waiting requests: 4 clients at once must meet 503s
-    result = run_load_bench(clients=4, seconds=3, groups=1, responses=4, preset="tiny", dtype="fp32", out_dir=tmp_path)
+    options = RewardBenchOptions(clients=4, seconds=3, queries=1, responses=4, preset="tiny", dtype="fp32", out_dir=tmp_path)
+    result = run_load_bench(options)
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == result
     assert {"requests_per_s", "responses_per_s", "latency_p50_s", "latency_p99_s", "busy_503", "lost", "duplicated"} <= set(
