@@ -5,7 +5,7 @@ Each service contributes its commands from ``services/<name>/cli.py``
 is instant):
 
 - ``serve``: the function behind ``grace serve <name>``;
-- ``bench`` (optional): ``grace bench <name>``;
+- ``bench`` (optional): ``grace bench <name>``; ``BENCHES`` (optional): more benches, name -> function;
 - ``COMMANDS`` (optional): extra top-level commands, name -> function;
 - ``GROUPS`` (optional): extra top-level command groups, name -> typer.Typer.
 """
@@ -59,8 +59,9 @@ def _register_service(name: str) -> None:
         return
     if hasattr(module, "serve"):
         serve_app.command(name)(module.serve)
-    if hasattr(module, "bench"):
-        bench_app.command(name)(module.bench)
+    for bench_name, function in {**({name: module.bench} if hasattr(module, "bench") else {}),
+                                 **getattr(module, "BENCHES", {})}.items():  # fmt: skip
+        bench_app.command(bench_name)(function)
     for command_name, function in getattr(module, "COMMANDS", {}).items():
         app.command(command_name)(function)
     for group_name, group in getattr(module, "GROUPS", {}).items():
@@ -69,10 +70,6 @@ def _register_service(name: str) -> None:
 
 for _name in SERVICES:
     _register_service(_name)
-
-from services.orchestrator.chaos import bench as _chaos_bench  # noqa: E402 - light: heavy imports stay inside
-
-bench_app.command("chaos")(_chaos_bench)
 
 
 if __name__ == "__main__":

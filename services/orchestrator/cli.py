@@ -92,8 +92,10 @@ def experiment(options: ExperimentOptions) -> None:
     typer.echo(json.dumps(run_experiment(options)))
 
 
+from services.orchestrator.chaos import bench as chaos_bench  # noqa: E402  (heavy imports stay inside)
 from services.orchestrator.eval_cli import eval_app  # noqa: E402  (heavy imports stay inside its functions)
 from services.orchestrator.plan_cli import plan  # noqa: E402
 
 COMMANDS = {"run": run, "demo": demo, "experiment": experiment, "plan": plan, "rollout-iteration": rollout_iteration}
 GROUPS = {"stack": stack_app, "eval": eval_app}
+BENCHES = {"chaos": chaos_bench}

@@ -117,9 +117,9 @@ class ContextOptions:
 
     def __post_init__(self) -> None:
         if not self.model:  # policy_model, else the local model set (preset, else model_preset)
-            from services.judge.config import JudgeSettings
+            from shared.settings import ServiceSettings
 
-            self.model = JudgeSettings(**({"model_preset": self.preset} if self.preset else {})).policy_path()
+            self.model = ServiceSettings(**({"model_preset": self.preset} if self.preset else {})).policy_path()
 
 
 def _load(opts: ContextOptions, method: str, factor: float, native: int, theta: float):

@@ -29,10 +29,10 @@ import httpx
 from services.judge.protocol import Judgment, Usage
 from services.orchestrator import report
 from services.orchestrator.options import EvalOptions, PolicySpec, parse_policy_spec  # noqa: F401 (re-exported)
-from services.reward.client import AsyncRewardClient
 from shared.jsonl import read_queries, write_jsonl
 from shared.parsing import extract_structured
 from shared.prompts import chat_messages
+from shared.reward_client import AsyncRewardClient
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,10 @@ def or_none(value):
 
 
 def default_out(prefix: str) -> Path:
-    """<run_root>/<run_id>/<prefix>-<time> of the judge's settings."""
-    from services.judge.config import JudgeSettings
+    """<run_root>/<run_id>/<prefix>-<time> of the common settings."""
+    from shared.settings import ServiceSettings
 
-    settings = JudgeSettings()
+    settings = ServiceSettings()
     return settings.run_root / settings.run_id / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 

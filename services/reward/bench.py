@@ -39,9 +39,9 @@ from pathlib import Path
 import torch
 
 from services.reward import metrics as M
-from services.reward.calibration import calibrate
 from services.reward.options import RewardBenchOptions
 from shared.bench_report import save_figure, write_json, write_markdown
+from shared.calibration import calibrate
 from shared.jsonl import read_queries
 from shared.parsing import extract_structured
 from shared.schemas import Metrics

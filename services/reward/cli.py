@@ -55,8 +55,8 @@ def score(
     """Scores {query, responses} lines; the whole file is one dataset for global normalization (eq. 8-9)."""
     from rich.progress import Progress
 
-    from services.reward.client import RewardServiceError
     from services.reward.scoring_client import load_groups, score_file
+    from shared.reward_client import RewardServiceError
 
     groups = load_groups(file)
     out = out or file.with_suffix(".scored.jsonl")

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import httpx
 
-from services.reward.client import AsyncRewardClient
 from services.reward.options import RewardBenchOptions
 from shared.bench_report import save_figure, write_json, write_markdown
+from shared.reward_client import AsyncRewardClient
 from shared.schemas import ScoreResponse
 
 DATA = Path(__file__).resolve().parents[2] / "data"

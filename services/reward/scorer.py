@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from services.reward import metrics as M
-from services.reward.calibration import DegenerateGroups, calibrate
 from services.reward.config import RewardSettings
+from shared.calibration import DegenerateGroups, calibrate
 from shared.devices import resolve_device, resolve_dtype
 from shared.packing import token_budget_batches
 from shared.parsing import extract_structured

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from services.reward.client import RewardClient
 from services.reward.scorer import score_response
 from shared.jsonl import read_jsonl
+from shared.reward_client import RewardClient
 from shared.schemas import Metrics, ScoreGroup
 
 

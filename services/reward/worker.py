@@ -19,10 +19,10 @@ from collections.abc import Callable
 
 import redis
 
-from services.reward.calibration import DegenerateGroups, calibrate
 from services.reward.config import RewardSettings
 from services.reward.state import MARKER_ID, IterationState, ScoredGroup
 from services.reward.telemetry import Telemetry
+from shared.calibration import DegenerateGroups, calibrate
 from shared.group_health import GroupHealth, Outcome, group_health
 from shared.schemas import STREAM_ROLLOUTS, STREAM_SAMPLES, IterationComplete, RolloutGroup, WeightedSample, entry_identity
 from shared.streams import StreamConsumer, StreamEntry

@@ -15,13 +15,12 @@ signal selection are pure functions below, testable without a service.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import httpx
-
-from shared.schemas import ResponseResult, ScoreResponse
+from shared.calibration import calibrate
+from shared.reward_client import RewardClient, RewardServiceError
+from shared.schemas import ResponseResult
 
 # The paper's short names of the metrics (3.3) -> their fields in the API's ``metrics`` object.
 METRIC_FIELDS = {
@@ -151,8 +150,6 @@ def batch_weights(results: list[list[ResponseResult]], degenerate_groups: str) -
     Needed when a batch took several requests: the service normalizes over
     each request's groups only. Uses the service's own pure calibration.
     """
-    from services.reward.calibration import calibrate
-
     metrics = [[r.metrics if r.parsed else None for r in group] for group in results]
     return [[c.weight for c in group] for group in calibrate(metrics, degenerate_groups=degenerate_groups)]
 
@@ -165,21 +162,6 @@ def metric_means(results: list[ResponseResult]) -> dict[str, float]:
         if parsed:
             means[short] = math.fsum(getattr(m, name) for m in parsed) / len(parsed)
     return means
-
-
-def error_message(reply: httpx.Response) -> str:
-    """The service's error message (OpenAI's ``{"error": {"message"}}`` shape), else the start of the body."""
-    try:
-        return str(reply.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return reply.text[:500]
-
-
-def retry_after(reply: httpx.Response, default: float) -> float:
-    try:
-        return max(0.0, float(reply.headers.get("Retry-After", default)))
-    except ValueError:
-        return default
 
 
 # --------------------------------------------------------------------------- the reward function
@@ -207,7 +189,7 @@ class GraceReward:
         degenerate_groups: the service's ``degenerate_groups`` setting; only used to
             re-normalize ``weight`` over a batch that took several requests.
         timeout: seconds per HTTP request (scoring long documents on CPU is slow).
-        retries: how often a 503 (busy or loading: waits Retry-After) or a transport error is retried.
+        retries: how often a 503 (busy or loading: waits Retry-After), and how often a transport error, is retried.
         name: the name TRL logs the reward under (``rewards/<name>/mean``); default ``grace_<signal>``.
     """
 
@@ -269,35 +251,19 @@ class GraceReward:
         return [v for group in values for v in group]
 
     def score(self, groups: list[tuple[str, list[str]]]) -> list[list[ResponseResult]]:
-        """The service's results for each (query, responses) group, in order, over as many requests as needed."""
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        """The service's results for each (query, responses) group, in order, over as many requests as needed.
+
+        A 503 waits Retry-After and a transport error ~1 s, ``retries`` times each; other errors raise."""
         results: list[list[ResponseResult]] = []
-        with httpx.Client(base_url=self.url, headers=headers, timeout=self.timeout) as client:
+        client = RewardClient(self.url, self.api_key, timeout=self.timeout, busy_retries=self.retries,
+                              transport_retries=self.retries)  # fmt: skip
+        with client:
             for chunk in chunk_groups(groups, self.max_groups_per_request):
-                body = {"groups": [{"query": query, "responses": responses} for query, responses in chunk]}
-                reply = self._post(client, body)
-                scored = ScoreResponse.model_validate(reply.json())
+                try:
+                    scored = client.score(chunk)
+                except RewardServiceError as exc:
+                    raise GraceRewardError(str(exc)) from exc
                 if len(scored.groups) != len(chunk):
                     raise GraceRewardError(f"/v1/score answered {len(scored.groups)} groups for {len(chunk)}")
                 results.extend(group.results for group in scored.groups)
         return results
-
-    def _post(self, client: httpx.Client, body: dict) -> httpx.Response:
-        """POST /v1/score; a 503 waits Retry-After and a transport error ~1 s, ``retries`` times; other errors raise."""
-        for attempt in range(self.retries + 1):
-            last = attempt == self.retries
-            try:
-                reply = client.post("/v1/score", json=body)
-            except httpx.TransportError as exc:
-                if last:
-                    raise GraceRewardError(f"reward service at {self.url} unreachable: {exc!r}") from exc
-                time.sleep(1.0)
-                continue
-            if reply.status_code == 200:
-                return reply
-            if reply.status_code == 503 and not last:
-                time.sleep(retry_after(reply, 1.0))
-                continue
-            hint = " (check api_key)" if reply.status_code == 401 else ""
-            raise GraceRewardError(f"/v1/score answered {reply.status_code}{hint}: {error_message(reply)}")
-        raise AssertionError("unreachable")  # the last attempt returns or raises

@@ -186,7 +186,7 @@ def test_a_batch_over_the_service_limit_is_split_and_weights_stay_batch_wide(rew
 
 
 def test_a_wrong_api_key_is_a_clear_error(reward_service):
-    with pytest.raises(GraceRewardError, match=r"401 \(check api_key\)"):
+    with pytest.raises(GraceRewardError, match=r"401 \(check the API key\)"):
         GraceReward(reward_service.url, 1, api_key="wrong")(["q"], ["r"])
 
 

@@ -6,8 +6,7 @@ is retried after its ``Retry-After``, up to ``busy_retries`` times; a transport
 error (refused, reset, timed out) up to ``transport_retries`` times, ~1 s apart;
 any other status raises ``RewardServiceError`` with the service's own message
 (OpenAI's ``{"error": {"message"}}`` shape), so a 422 names the bad field.
-``shared/integrations/trl.py`` keeps its own small loop: it must work without
-``services/``.
+The TRL reward function (``shared/integrations/trl.py``) scores through it too.
 """
 
 from __future__ import annotations
@@ -18,12 +17,26 @@ from collections.abc import Callable, Sequence
 
 import httpx
 
-from shared.integrations.trl import error_message, retry_after
 from shared.schemas import Metrics, ScoreGroup, ScoreResponse
 
 TRANSPORT_WAIT_S = 1.0
 DEFAULT_RETRY_AFTER_S = 2.0  # a 503 without the header
 MAX_RETRY_AFTER_S = 300.0  # a wrong header must not park a client for hours
+
+
+def error_message(reply: httpx.Response) -> str:
+    """The service's error message (OpenAI's ``{"error": {"message"}}`` shape), else the start of the body."""
+    try:
+        return str(reply.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return reply.text[:500]
+
+
+def retry_after(reply: httpx.Response, default: float) -> float:
+    try:
+        return max(0.0, float(reply.headers.get("Retry-After", default)))
+    except ValueError:
+        return default
 
 
 class RewardServiceError(RuntimeError):

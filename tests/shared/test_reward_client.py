@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from services.reward.client import AsyncRewardClient, RewardClient, RewardServiceError
 from shared.local_redis import free_port
+from shared.reward_client import AsyncRewardClient, RewardClient, RewardServiceError
 from shared.schemas import Metrics, ScoreResponse
 
 DOC = "State-owned enterprise reform deepens market allocation and governance. " * 20

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.reward.calibration import (
+from shared.calibration import (
     average_ranks,
     calibrate,
     degenerate_group_count,
