@@ -15,10 +15,8 @@ then write into the output folder ``responses.jsonl`` (one ``EvalRecord`` a line
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -32,7 +30,7 @@ from services.orchestrator.options import EvalOptions, PolicySpec, parse_policy_
 from shared.jsonl import read_queries, write_jsonl
 from shared.parsing import extract_structured
 from shared.prompts import chat_messages
-from shared.reward_client import AsyncRewardClient
+from shared.service_client import AsyncRewardClient, AsyncServiceClient
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +69,6 @@ class EvalRecord:
         self.judge_parse_error = judgment.parse_error
         self.judge_usage = judgment.usage.model_dump()
         self.judge_cached = judgment.cached
-
-
-def _headers(api_key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 async def generate(spec: PolicySpec, queries: list[dict], opts: EvalOptions, tick: Callable[[], None]) -> list[EvalRecord]:
@@ -162,40 +156,6 @@ async def score(records: list[EvalRecord], opts: EvalOptions, tick: Callable[[in
             tick(len(chunk))
 
 
-def retry_after_seconds(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
-    """Seconds a busy service asked us to wait: ``retry-after-ms``, ``retry-after`` (seconds or HTTP date)."""
-    if not headers:
-        return None
-    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        try:
-            seconds = float(headers.get(name, "nan")) / scale
-        except ValueError:
-            continue
-        if math.isfinite(seconds):
-            return max(0.0, seconds)
-    try:
-        when = email.utils.parsedate_to_datetime(headers.get("retry-after", ""))
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-async def _post_with_retry(http: httpx.AsyncClient, url: str, body: dict, attempts: int = 8) -> dict:
-    """POST that waits out a busy service (429/503 with Retry-After); other errors raise with the body."""
-    for attempt in range(attempts):
-        response = await http.post(url, json=body)
-        if response.status_code in (429, 503) and attempt < attempts - 1:
-            delay = retry_after_seconds(response.headers)
-            delay = 2.0 ** min(attempt, 5) if delay is None else min(delay, 300.0)
-            log.info("event=eval_service_busy url=%s status=%d delay_s=%.1f", url, response.status_code, delay)
-            await asyncio.sleep(delay)
-            continue
-        if response.status_code != 200:
-            raise RuntimeError(f"{url} answered {response.status_code}: {response.text[:300]}")
-        return response.json()
-    raise RuntimeError(f"{url} stayed busy after {attempts} attempts")
-
-
 def _judged_text(text: str, part: str) -> str:
     if part == "answer":
         structured = extract_structured(text)
@@ -225,12 +185,12 @@ async def judge(
     items = judge_items(todo, opts, references or {})
     if opts.judge_url:
         step = opts.judge_items_per_request
-        url = f"{opts.judge_url.rstrip('/')}/v1/judge/batch"
-        async with httpx.AsyncClient(timeout=opts.request_timeout_s, headers=_headers(opts.judge_api_key)) as http:
+        judge_service = AsyncServiceClient(opts.judge_url, opts.judge_api_key, timeout=opts.request_timeout_s, busy_retries=7)
+        async with judge_service as http:
             for start in range(0, len(items), step):
                 chunk = items[start : start + step]
                 try:
-                    answer = await _post_with_retry(http, url, {"items": chunk})
+                    answer = await http.post("/v1/judge/batch", {"items": chunk})
                 except (RuntimeError, httpx.HTTPError) as exc:  # the whole batch failed: record it, go on
                     log.warning("event=eval_judge_batch_failed items=%d error=%s", len(chunk), str(exc)[:300])
                     answer = {"items": [{"index": i, "error": f"judge service: {str(exc)[:300]}"} for i in range(len(chunk))]}

@@ -56,7 +56,7 @@ def score(
     from rich.progress import Progress
 
     from services.reward.scoring_client import load_groups, score_file
-    from shared.reward_client import RewardServiceError
+    from shared.service_client import ServiceError
 
     groups = load_groups(file)
     out = out or file.with_suffix(".scored.jsonl")
@@ -64,7 +64,7 @@ def score(
         task = progress.add_task("scoring", total=sum(len(g.responses) for g in groups))
         try:
             n = score_file(groups, out, url=url, api_key=api_key, batch=batch, advance=lambda k: progress.advance(task, k))
-        except RewardServiceError as exc:  # the service's own message (a 422 names the field), no traceback
+        except ServiceError as exc:  # the service's own message (a 422 names the field), no traceback
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
     typer.echo(f"wrote {n} groups to {out}")

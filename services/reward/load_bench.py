@@ -32,8 +32,8 @@ import httpx
 
 from services.reward.options import RewardBenchOptions
 from shared.bench_report import save_figure, write_json, write_markdown
-from shared.reward_client import AsyncRewardClient
 from shared.schemas import ScoreResponse
+from shared.service_client import AsyncRewardClient
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 ROOT = DATA.parent

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from services.reward.scorer import score_response
 from shared.jsonl import read_jsonl
-from shared.reward_client import RewardClient
 from shared.schemas import Metrics, ScoreGroup
+from shared.service_client import RewardClient
 
 
 def load_groups(path: Path) -> list[ScoreGroup]:

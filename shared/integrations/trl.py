@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from shared.calibration import calibrate
-from shared.reward_client import RewardClient, RewardServiceError
 from shared.schemas import ResponseResult
+from shared.service_client import RewardClient, ServiceError
 
 # The paper's short names of the metrics (3.3) -> their fields in the API's ``metrics`` object.
 METRIC_FIELDS = {
@@ -261,7 +261,7 @@ class GraceReward:
             for chunk in chunk_groups(groups, self.max_groups_per_request):
                 try:
                     scored = client.score(chunk)
-                except RewardServiceError as exc:
+                except ServiceError as exc:
                     raise GraceRewardError(str(exc)) from exc
                 if len(scored.groups) != len(chunk):
                     raise GraceRewardError(f"/v1/score answered {len(scored.groups)} groups for {len(chunk)}")

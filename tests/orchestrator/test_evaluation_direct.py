@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from services.orchestrator.evaluation import EvalOptions, PolicySpec, retry_after_seconds, run_eval
+from services.orchestrator.evaluation import EvalOptions, PolicySpec, run_eval
 from shared.prompts import STRUCTURED_SYSTEM_PROMPT
+from shared.service_client import retry_after_seconds
 from tests.fixtures.judge import Step
 
 DOCUMENT = "<summary>要点</summary><outline>一、二、</outline><answer>正文第一段。正文第二段。</answer>"

@@ -6,8 +6,8 @@ import time
 import pytest
 
 from shared.local_redis import free_port
-from shared.reward_client import AsyncRewardClient, RewardClient, RewardServiceError
 from shared.schemas import Metrics, ScoreResponse
+from shared.service_client import AsyncRewardClient, RewardClient, ServiceError
 
 DOC = "State-owned enterprise reform deepens market allocation and governance. " * 20
 
@@ -51,21 +51,21 @@ def test_busy_retries_are_bounded(reward_service):
 
     outcomes = asyncio.run(all_at_once())
     refused = [o for o in outcomes if isinstance(o, Exception)]
-    assert refused and all(isinstance(e, RewardServiceError) and e.status_code == 503 for e in refused)
+    assert refused and all(isinstance(e, ServiceError) and e.status_code == 503 for e in refused)
     assert "still busy" in str(refused[0]) and "queue" in str(refused[0])
 
 
 def test_422_raises_with_the_services_message(reward_service):
     too_many = reward_service.limits["max_responses"] + 1
     with RewardClient(reward_service.url, reward_service.api_key) as client:
-        with pytest.raises(RewardServiceError) as caught:
+        with pytest.raises(ServiceError) as caught:
             client.score([("query", [structured(j) for j in range(too_many)])])
     assert caught.value.status_code == 422
     assert f"at most {reward_service.limits['max_responses']} responses per group" in str(caught.value)
 
 
 def test_wrong_key_is_a_401_with_a_hint(reward_service):
-    with RewardClient(reward_service.url, "wrong-key") as client, pytest.raises(RewardServiceError) as caught:
+    with RewardClient(reward_service.url, "wrong-key") as client, pytest.raises(ServiceError) as caught:
         client.calibrate([[None]])
     assert caught.value.status_code == 401 and "check the API key" in str(caught.value)
 
@@ -84,7 +84,49 @@ def test_calibrate_is_typed(reward_service):
 def test_unreachable_service_is_retried_then_raises():
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
-    with RewardClient(url, transport_retries=2) as client, pytest.raises(RewardServiceError) as caught:
+    with RewardClient(url, transport_retries=2) as client, pytest.raises(ServiceError) as caught:
         client.score([("query", ["text"])])
     assert caught.value.status_code is None and "unreachable" in str(caught.value)
     assert time.monotonic() - started >= 2.0  # two waits of ~1 s before giving up
+
+
+def test_a_429_is_waited_out_after_retry_after_ms_and_the_answer_comes_back():
+    """The judge service path (evaluation posts to it with AsyncServiceClient): 429 + retry-after-ms, then 200."""
+    import asyncio
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from shared.service_client import AsyncServiceClient
+
+    seen: list[tuple[str, str | None]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append((self.path, self.headers.get("Authorization")))
+            busy = len(seen) == 1
+            self.send_response(429 if busy else 200)
+            if busy:
+                self.send_header("retry-after-ms", "300")
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}" if busy else json.dumps({"echo": json.loads(body)}).encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    async def call():
+        async with AsyncServiceClient(f"http://127.0.0.1:{server.server_port}", "k") as client:
+            return await client.post("/v1/judge/batch", {"items": [1]})
+
+    try:
+        started = time.monotonic()
+        assert asyncio.run(call()) == {"echo": {"items": [1]}}
+        assert time.monotonic() - started >= 0.3
+        assert seen == [("/v1/judge/batch", "Bearer k")] * 2
+    finally:
+        server.shutdown()

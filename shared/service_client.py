@@ -1,26 +1,33 @@
-"""Typed client of the reward service (``POST /v1/score``, ``POST /v1/calibrate``): sync and async.
+"""Clients of the project's HTTP services, sync and async: one retry policy for every caller.
 
-The orchestrator (evaluation) and `grace score` call the service through it, so
-both wait out a busy service the same way: a 503 (queue full, models loading)
-is retried after its ``Retry-After``, up to ``busy_retries`` times; a transport
-error (refused, reset, timed out) up to ``transport_retries`` times, ~1 s apart;
-any other status raises ``RewardServiceError`` with the service's own message
-(OpenAI's ``{"error": {"message"}}`` shape), so a 422 names the bad field.
-The TRL reward function (``shared/integrations/trl.py``) scores through it too.
+A busy service (429 or 503: queue full, models loading) is retried after its
+``Retry-After`` (``retry-after-ms``, seconds or an HTTP date), up to
+``busy_retries`` times; a transport error (refused, reset, timed out) up to
+``transport_retries`` times, ~1 s apart; any other status raises
+``ServiceError`` with the service's own message (OpenAI's
+``{"error": {"message"}}`` shape), so a 422 names the bad field.
+
+``RewardClient`` adds the reward service's typed calls (``POST /v1/score``,
+``POST /v1/calibrate``): evaluation, `grace score` and the TRL reward function
+(``shared/integrations/trl.py``) score through it. Evaluation posts to the
+judge service with the plain ``AsyncServiceClient``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import httpx
 
 from shared.schemas import Metrics, ScoreGroup, ScoreResponse
 
 TRANSPORT_WAIT_S = 1.0
-DEFAULT_RETRY_AFTER_S = 2.0  # a 503 without the header
+DEFAULT_RETRY_AFTER_S = 2.0  # a 429/503 without the header
+BUSY = (429, 503)
 MAX_RETRY_AFTER_S = 300.0  # a wrong header must not park a client for hours
 
 
@@ -32,14 +39,25 @@ def error_message(reply: httpx.Response) -> str:
         return reply.text[:500]
 
 
-def retry_after(reply: httpx.Response, default: float) -> float:
+def retry_after_seconds(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
+    """Seconds a busy service asked us to wait: ``retry-after-ms``, ``retry-after`` (seconds or HTTP date)."""
+    if not headers:
+        return None
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        try:
+            seconds = float(headers.get(name, "nan")) / scale
+        except ValueError:
+            continue
+        if math.isfinite(seconds):
+            return max(0.0, seconds)
     try:
-        return max(0.0, float(reply.headers.get("Retry-After", default)))
-    except ValueError:
-        return default
+        when = email.utils.parsedate_to_datetime(headers.get("retry-after", ""))
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-class RewardServiceError(RuntimeError):
+class ServiceError(RuntimeError):
     """A request the service refused or never answered; ``status_code`` is None when it was unreachable."""
 
     def __init__(self, status_code: int | None, message: str):
@@ -66,7 +84,7 @@ class RetryBudget:
 
     def after_transport_error(self, exc: httpx.TransportError) -> float:
         if self.transport_left <= 0:
-            raise RewardServiceError(None, f"{self.url} unreachable: {exc!r}") from exc
+            raise ServiceError(None, f"{self.url} unreachable: {exc!r}") from exc
         self.transport_left -= 1
         return TRANSPORT_WAIT_S
 
@@ -74,14 +92,13 @@ class RetryBudget:
         """None: the reply is the answer; else the seconds to wait before retrying."""
         if reply.status_code == 200:
             return None
-        if reply.status_code == 503 and self.busy_left > 0:
+        if reply.status_code in BUSY and self.busy_left > 0:
             self.busy_left -= 1
-            return min(retry_after(reply, DEFAULT_RETRY_AFTER_S), MAX_RETRY_AFTER_S)
-        busy = " (still busy after the retries)" if reply.status_code == 503 else ""
+            wait = retry_after_seconds(reply.headers)
+            return min(DEFAULT_RETRY_AFTER_S if wait is None else wait, MAX_RETRY_AFTER_S)
+        busy = " (still busy after the retries)" if reply.status_code in BUSY else ""
         hint = " (check the API key)" if reply.status_code == 401 else ""
-        raise RewardServiceError(
-            reply.status_code, f"{self.url} answered {reply.status_code}{busy}{hint}: {error_message(reply)}"
-        )
+        raise ServiceError(reply.status_code, f"{self.url} answered {reply.status_code}{busy}{hint}: {error_message(reply)}")
 
 
 class _Base:
@@ -114,22 +131,15 @@ class _Base:
             self.on_reply(reply)
 
 
-class RewardClient(_Base):
+class ServiceClient(_Base):
     """Blocking client; use as a context manager (one connection pool)."""
 
     def __init__(self, url: str, api_key: str | None = None, **options):
         super().__init__(url, api_key, **options)
         self.http = httpx.Client(**self._options)
 
-    def score(self, groups: Sequence[ScoreGroup | tuple[str, list[str]]]) -> ScoreResponse:
-        """Metrics, rank sums, Z and weights; the request's groups are calibrated as one dataset (eq. 5-9)."""
-        return ScoreResponse.model_validate(self._post("/v1/score", score_body(groups)))
-
-    def calibrate(self, groups: Sequence[Sequence[Metrics | None]]) -> ScoreResponse:
-        """Eq. 5-9 for metrics computed elsewhere; no model needed."""
-        return ScoreResponse.model_validate(self._post("/v1/calibrate", calibrate_body(groups)))
-
-    def _post(self, path: str, body: dict) -> dict:
+    def post(self, path: str, body: dict) -> dict:
+        """The JSON answer of ``POST path``, after the retries the module's docstring describes."""
         budget = self._budget(path)
         while True:
             try:
@@ -146,27 +156,21 @@ class RewardClient(_Base):
     def close(self) -> None:
         self.http.close()
 
-    def __enter__(self) -> RewardClient:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-class AsyncRewardClient(_Base):
+class AsyncServiceClient(_Base):
     """The same client for asyncio callers (evaluation, the load benchmark)."""
 
     def __init__(self, url: str, api_key: str | None = None, **options):
         super().__init__(url, api_key, **options)
         self.http = httpx.AsyncClient(**self._options)
 
-    async def score(self, groups: Sequence[ScoreGroup | tuple[str, list[str]]]) -> ScoreResponse:
-        return ScoreResponse.model_validate(await self._post("/v1/score", score_body(groups)))
-
-    async def calibrate(self, groups: Sequence[Sequence[Metrics | None]]) -> ScoreResponse:
-        return ScoreResponse.model_validate(await self._post("/v1/calibrate", calibrate_body(groups)))
-
-    async def _post(self, path: str, body: dict) -> dict:
+    async def post(self, path: str, body: dict) -> dict:
         budget = self._budget(path)
         while True:
             try:
@@ -183,8 +187,28 @@ class AsyncRewardClient(_Base):
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    async def __aenter__(self) -> AsyncRewardClient:
+    async def __aenter__(self):
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
+
+
+class RewardClient(ServiceClient):
+    """The reward service's calls, typed."""
+
+    def score(self, groups: Sequence[ScoreGroup | tuple[str, list[str]]]) -> ScoreResponse:
+        """Metrics, rank sums, Z and weights; the request's groups are calibrated as one dataset (eq. 5-9)."""
+        return ScoreResponse.model_validate(self.post("/v1/score", score_body(groups)))
+
+    def calibrate(self, groups: Sequence[Sequence[Metrics | None]]) -> ScoreResponse:
+        """Eq. 5-9 for metrics computed elsewhere; no model needed."""
+        return ScoreResponse.model_validate(self.post("/v1/calibrate", calibrate_body(groups)))
+
+
+class AsyncRewardClient(AsyncServiceClient):
+    async def score(self, groups: Sequence[ScoreGroup | tuple[str, list[str]]]) -> ScoreResponse:
+        return ScoreResponse.model_validate(await self.post("/v1/score", score_body(groups)))
+
+    async def calibrate(self, groups: Sequence[Sequence[Metrics | None]]) -> ScoreResponse:
+        return ScoreResponse.model_validate(await self.post("/v1/calibrate", calibrate_body(groups)))
