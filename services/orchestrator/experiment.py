@@ -56,14 +56,16 @@ def run_experiment(options: ExperimentOptions, info: StackInfo | None = None, co
     stack = None
     if info is None and options.stack_dir is not None:
         info = StackInfo.load(Path(options.stack_dir) / "stack.json")
-    if info is None:
-        stack, info = _own_stack(options, out, console)
-    try:
-        cells = _run_cells(options, info, console)
-    finally:
-        if stack is not None:
-            with console.status("stopping the stack"):
-                stack.down()
+    cells = _finished_cells(options, out) if info is None else None  # all done: rewrite the outputs, no stack
+    if cells is None:
+        if info is None:
+            stack, info = _own_stack(options, out, console)
+        try:
+            cells = _run_cells(options, info, console)
+        finally:
+            if stack is not None:
+                with console.status("stopping the stack"):
+                    stack.down()
     contract = write_outputs(options, cells, out)
     track_summary(options, contract, cells, out)
     console.print(f"experiment {options.name}: {len(cells)} cells in {time.perf_counter() - started:.0f}s; "
@@ -111,6 +113,47 @@ def _cells_root(info: StackInfo) -> Path:
     """Where the stack's trainer writes run folders (samples files): every cell's folder lives there."""
     settings = yaml.safe_load(Path(info.config_path).read_text()) or {}
     return Path((settings.get("common") or {}).get("run_root") or "runs").resolve()
+
+
+def _finished_cells(options: ExperimentOptions, root: Path) -> list[dict] | None:
+    """Every cell of the experiment from its own folder under ``root``, or None while any is unfinished."""
+    cells = []
+    for seed in range(options.seeds):
+        for method in options.methods:
+            marker = root / cell_id(options.name, BASELINE, seed) / "cell.json"
+            cell = ({**json.loads(marker.read_text()), "resumed": True} if marker.exists() else None) \
+                if method == BASELINE else _trained_record(options, root, method, seed, 0.0, resumed=True)  # fmt: skip
+            if cell is None:
+                return None
+            cells.append(cell)
+    return cells
+
+
+def _trained_record(options: ExperimentOptions, root: Path, method: str, seed: int, seconds: float,
+                    resumed: bool) -> dict | None:  # fmt: skip
+    """A trained cell's record from its run folder; None before its final policy is evaluated."""
+    from services.orchestrator.loop import RunState, stage_label
+
+    run_id = cell_id(options.name, method, seed)
+    run_dir = root / run_id
+    final_label = stage_label(_config(options, method, seed).iterations - 1)
+    final = RunState.load(run_dir / "state.json").evaluated.get(final_label)
+    if final is None:
+        return None
+    return {"method": method, "seed": seed, "run_id": run_id, "dir": str(run_dir), "final_label": final_label,
+            "final": final, "records": str(run_dir / "eval" / final_label.replace(" ", "-") / "responses.jsonl"),
+            "seconds": seconds, "resumed": resumed}  # fmt: skip
+
+
+def _config(options: ExperimentOptions, method: str, seed: int):
+    from shared.runs import RunConfig
+
+    loss, offline = TRAINED[method]
+    return RunConfig.from_budget(
+        cell_id(options.name, method, seed), total_queries=options.total_queries, k=options.k,
+        iterations=options.iterations, offline=offline, responses_per_query=options.m, loss=loss,
+        epochs=options.epochs, seed=seed,
+    )  # fmt: skip
 
 
 def _run_cells(options: ExperimentOptions, info: StackInfo, console: Console) -> list[dict]:
@@ -192,19 +235,12 @@ def _eval_seed(seed: int) -> int:
 def _trained_cell(options: ExperimentOptions, info: StackInfo, root: Path, method: str, seed: int, base: dict,
                   console: Console, tag: str) -> dict:  # fmt: skip
     from services.orchestrator.loop import BASE_LABEL, RunOptions, RunState, SemiOnlineRun, stage_label
-    from shared.runs import RunConfig
 
-    loss, offline = TRAINED[method]
-    run_id = cell_id(options.name, method, seed)
-    run_dir = root / run_id
+    config = _config(options, method, seed)
+    run_dir = root / config.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = RunConfig.from_budget(
-        run_id, total_queries=options.total_queries, k=options.k, iterations=options.iterations, offline=offline,
-        responses_per_query=options.m, loss=loss, epochs=options.epochs, seed=seed,
-    )  # fmt: skip
-    final_label = stage_label(config.iterations - 1)
     state = RunState.load(run_dir / "state.json")
-    resumed = final_label in state.evaluated
+    resumed = stage_label(config.iterations - 1) in state.evaluated
     if BASE_LABEL not in state.evaluated:  # the same starting policy, evaluation and seed: reuse the base row
         state.evaluated[BASE_LABEL] = base["final"]
         state.save()
@@ -217,14 +253,10 @@ def _trained_cell(options: ExperimentOptions, info: StackInfo, root: Path, metho
                              eval_seed=_eval_seed(seed), stage_timeout_s=options.stage_timeout_s,
                              tracking=tracking_options(options))  # fmt: skip
     status = (f"{tag} {method} seed {seed}: {config.iterations} round(s) of K={config.queries_per_iteration}, "
-              f"m={config.responses_per_query}, loss {loss}")  # fmt: skip
+              f"m={config.responses_per_query}, loss {config.loss}")  # fmt: skip
     with open(run_dir / "console.log", "a", encoding="utf-8") as log_file, console.status(status):
-        run = SemiOnlineRun(run_options, info, Console(file=log_file, width=140))  # the cell's own log
-        run.run()
-    cell = {"method": method, "seed": seed, "run_id": run_id, "dir": str(run_dir), "final_label": final_label,
-            "final": run.state.evaluated[final_label],
-            "records": str(run_dir / "eval" / final_label.replace(" ", "-") / "responses.jsonl"),
-            "seconds": time.perf_counter() - started, "resumed": resumed}  # fmt: skip
+        SemiOnlineRun(run_options, info, Console(file=log_file, width=140)).run()  # the cell's own log
+    cell = _trained_record(options, root, method, seed, time.perf_counter() - started, resumed)
     _progress(console, tag, cell)
     return cell
 
@@ -239,7 +271,9 @@ def write_outputs(options: ExperimentOptions, cells: list[dict], out: Path) -> d
     units = {m: {} for m in methods}
     for c in cells:
         units[c["method"]].update(stats.unit_means(read_jsonl(Path(c["records"])), c["seed"]))
-    comparison = stats.paired_comparison(units, "grace", "kto") if {"grace", "kto"} <= set(methods) else None
+    comparisons = {b: stats.paired_comparison(units, "grace", b) for b in ("kto", BASELINE) if {"grace", b} <= set(methods)}
+    comparison = comparisons.get("kto")
+    seeds = sorted({c["seed"] for c in cells})
     contract: dict = {
         "seeds": options.seeds,
         "methods": {
@@ -253,12 +287,14 @@ def write_outputs(options: ExperimentOptions, cells: list[dict], out: Path) -> d
         contract["grace_vs_kto"] = {"avg_rank_delta": table["grace"]["avg_rank"] - table["kto"]["avg_rank"],
                                     "p_value": comparison["avg_rank"]["p_value"]}  # fmt: skip
     (out / "table.md").write_text(table_markdown(options, table))
-    if comparison is not None:
-        (out / "comparison.md").write_text(comparison_markdown(options, table, comparison))
+    per_seed_ranks = stats.seed_ranks(per_seed)
+    if comparisons:
+        (out / "comparison.md").write_text(comparison_markdown(options, table, comparisons, seeds, per_seed_ranks))
     _figure1(out / "figure1_zscores.png", methods, table)
     _figure3(out / "figure3_iterations.png", methods, cells)
     record = {"contract": contract, "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
-              "table": table, "grace_vs_kto": comparison,
+              "table": table, "grace_vs_kto": comparison, "grace_vs_sft": comparisons.get(BASELINE),
+              "seed_ranks": dict(zip(seeds, per_seed_ranks)),
               "cells": [{k: v for k, v in c.items() if k != "final"} | {"final": {s: c["final"].get(k) for s, k in stats.METRICS.items()}}
                         for c in cells]}  # fmt: skip
     (out / "experiment.json").write_text(json.dumps(record, indent=1))
@@ -309,21 +345,35 @@ def _rank(rank: float) -> str:
     return f"{rank:.0f}" if rank == int(rank) else f"{rank:.1f}"
 
 
-def comparison_markdown(options: ExperimentOptions, table: dict, comparison: dict) -> str:
-    lines = [f"# grace vs kto ({options.name})\n", _budget(options) + "\n",
+def comparison_markdown(options: ExperimentOptions, table: dict, comparisons: dict, seeds: list[int],
+                        per_seed_ranks: list[dict[str, float]]) -> str:  # fmt: skip
+    """grace against each of kto and sft, paired over (seed, query) units, then every method's rank per seed."""
+    lines = [f"# grace vs {' and '.join(comparisons)} ({options.name})\n", _budget(options) + "\n",
              "Paired over units = (seed, held-out query): per unit the metric's mean over the query's parsed "
-             "samples, and each method's average rank among all methods on that unit. Mean difference grace - kto; "
+             "samples, and each method's average rank among all methods on that unit. Mean difference grace - other; "
              "two-sided sign-flip permutation test (exact up to 16 units, else 10,000 random sign patterns). "
-             "For the average rank a negative difference favours grace.\n",
-             "| Metric | units | mean diff (grace - kto) | p-value |", "|---|:---:|:---:|:---:|"]  # fmt: skip
-    rows = list(comparison["metrics"].items()) + [("Avg. Rank (per unit)", comparison["avg_rank"])]
-    for name, v in rows:
-        diff = "-" if v["mean_diff"] is None else f"{v['mean_diff']:+.4g}"
-        lines.append(f"| {name} | {v['units']} | {diff} | {v['p_value']:.4f} |")
-    delta = table["grace"]["avg_rank"] - table["kto"]["avg_rank"]
-    lines.append(f"\nAverage rank in table.md (seed means): grace {table['grace']['avg_rank']:.2f}, "
-                 f"kto {table['kto']['avg_rank']:.2f}, delta {delta:+.2f}.\n")  # fmt: skip
-    return "\n".join(lines)
+             "For the average rank a negative difference favours grace.\n"]  # fmt: skip
+    for other, comparison in comparisons.items():
+        lines += [
+            f"## grace vs {other}\n",
+            f"| Metric | units | mean diff (grace - {other}) | p-value |",
+            "|---|:---:|:---:|:---:|",
+        ]
+        for name, v in list(comparison["metrics"].items()) + [("Avg. Rank (per unit)", comparison["avg_rank"])]:
+            diff = "-" if v["mean_diff"] is None else f"{v['mean_diff']:+.4g}"
+            lines.append(f"| {name} | {v['units']} | {diff} | {v['p_value']:.4f} |")
+        delta = table["grace"]["avg_rank"] - table[other]["avg_rank"]
+        lines.append(f"\nAverage rank in table.md (seed means): grace {table['grace']['avg_rank']:.2f}, "
+                     f"{other} {table[other]['avg_rank']:.2f}, delta {delta:+.2f}.\n")  # fmt: skip
+    methods = list(table)
+    lines += ["## Average rank per seed\n", "Each seed's final values ranked among the methods on their own "
+              "(1 = best).\n", "| seed | " + " | ".join(methods) + " |", "|---" + "|:---:" * len(methods) + "|"]  # fmt: skip
+    lines += [f"| {seed} | " + " | ".join(f"{r[m]:.2f}" for m in methods) + " |" for seed, r in zip(seeds, per_seed_ranks)]
+    for other in comparisons:
+        d = [r["grace"] - r[other] for r in per_seed_ranks]
+        lines.append(f"\ngrace vs {other}: ahead on {sum(x < 0 for x in d)} seed(s), level on {sum(x == 0 for x in d)}, "
+                     f"behind on {sum(x > 0 for x in d)}.")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def _figure1(path: Path, methods: list[str], table: dict) -> None:

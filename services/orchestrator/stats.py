@@ -84,6 +84,14 @@ def method_table(per_seed: Mapping[str, Sequence[Mapping[str, float | None]]], b
     return out
 
 
+def seed_ranks(per_seed: Mapping[str, Sequence[Mapping[str, float | None]]]) -> list[dict[str, float]]:
+    """Per seed, each method's average rank among the methods on that seed's values alone (``method_table`` of
+    one seed): how often a method leads across seeds, next to the ranks of the seed means."""
+    seeds = min((len(v) for v in per_seed.values()), default=0)
+    return [{m: t["avg_rank"] for m, t in method_table({m: [v[i]] for m, v in per_seed.items()}).items()}
+            for i in range(seeds)]  # fmt: skip
+
+
 def unit_means(records: Sequence[Mapping], seed: int) -> dict[tuple[int, str], dict[str, float | None]]:
     """Eval records (``responses.jsonl`` rows) -> {(seed, query_id): {short: mean over the parsed samples}}."""
     grouped: dict[str, list[Mapping]] = {}

@@ -71,4 +71,27 @@ def test_resume_trains_nothing_new_and_kto_adds_the_comparison(finished):
     )
     comparison = (work / "out" / NAME / "comparison.md").read_text()
     assert "| Avg. Rank (per unit) |" in comparison and "p-value" in comparison
+    assert "## grace vs kto" in comparison and "## grace vs sft" in comparison and "| 0 |" in comparison
+    saved = json.loads((work / "out" / NAME / "experiment.json").read_text())
+    assert saved["grace_vs_sft"]["avg_rank"]["units"] == 2 and set(saved["seed_ranks"]["0"]) == {"sft", "kto", "grace"}
     json.dumps(contract, allow_nan=False)  # the last stdout line is strict JSON
+
+
+def test_a_finished_experiment_rewrites_its_outputs_without_a_stack(finished, monkeypatch, tmp_path):
+    """Its own stack's cells live in <run-root>/<name>/: when all are done no stack is started."""
+    import shutil
+
+    from services.orchestrator import experiment
+
+    work, _, _, _ = finished
+    for method in ("sft", "grace"):
+        shutil.copytree(work / "runs" / cell_id(NAME, method, 0), tmp_path / NAME / cell_id(NAME, method, 0))
+    monkeypatch.setattr(experiment, "_own_stack", lambda *a: pytest.fail("started a stack for finished cells"))
+    options = _options(work, ("sft", "grace"))
+    options.run_root = tmp_path
+    contract = run_experiment(options, None, Console(record=True))
+    assert contract == run_experiment(_options(work, ("sft", "grace")), finished[1], Console(record=True))
+    assert "| grace |" in (tmp_path / NAME / "table.md").read_text() and (tmp_path / NAME / "figure1_zscores.png").exists()
+    options.seeds = 2  # seed 1 never ran: the stack is needed
+    with pytest.raises(pytest.fail.Exception, match="started a stack"):
+        run_experiment(options, None, Console(record=True))

@@ -52,6 +52,21 @@ def test_method_table_ranks_average_rank_and_gain():
     assert t["grace"]["metrics"]["L"]["ci95"] == pytest.approx([32 - 25.412, 32 + 25.412], abs=1e-3)
 
 
+def test_seed_ranks_rank_each_seed_on_its_own():
+    def seed(length, e):
+        return {"length": length, "diversity": e, "professionalism": 0.0, "relevance_summary": 0.0, "relevance_document": 0.0}
+
+    per_seed = {"sft": [seed(10, 1.0), seed(10, 1.0)], "grace": [seed(30, 0.5), seed(5, 0.5)]}
+    # seed 0: L grace 1 / sft 2, E sft 1 / grace 2, P, Rs, Rd tied 1.5 -> both (1 + 2 + 4.5) / 5 = 1.5
+    # seed 1: L sft 1 / grace 2, E sft 1 / grace 2 -> sft (1 + 1 + 4.5) / 5 = 1.3, grace (2 + 2 + 4.5) / 5 = 1.7
+    ranks = stats.seed_ranks(per_seed)
+    assert ranks == [pytest.approx({"sft": 1.5, "grace": 1.5}), pytest.approx({"sft": 1.3, "grace": 1.7})]
+    # the seed means (L 17.5 vs 10, E 0.5 vs 1) tie the two at 1.5: the per-seed view shows seed 1 went to sft
+    table = stats.method_table(per_seed)
+    assert table["grace"]["avg_rank"] == pytest.approx(1.5) and table["sft"]["avg_rank"] == pytest.approx(1.5)
+    assert stats.seed_ranks({}) == []
+
+
 def test_sign_flip_exact_by_hand():
     # d = 1, 2, 3: of the 8 sign patterns only +++ and --- reach |sum| = 6: p = 2/8
     assert stats.sign_flip_p([1.0, 2.0, 3.0]) == 0.25
