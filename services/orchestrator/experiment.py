@@ -286,7 +286,8 @@ def write_outputs(options: ExperimentOptions, cells: list[dict], out: Path) -> d
     if comparison is not None:
         contract["grace_vs_kto"] = {"avg_rank_delta": table["grace"]["avg_rank"] - table["kto"]["avg_rank"],
                                     "p_value": comparison["avg_rank"]["p_value"]}  # fmt: skip
-    (out / "table.md").write_text(table_markdown(options, table))
+    parsed = {m: [v.get("parse_rate") for v in per_seed[m]] for m in methods}
+    (out / "table.md").write_text(table_markdown(options, table, parsed))
     per_seed_ranks = stats.seed_ranks(per_seed)
     if comparisons:
         (out / "comparison.md").write_text(comparison_markdown(options, table, comparisons, seeds, per_seed_ranks))
@@ -312,7 +313,8 @@ def _budget(options: ExperimentOptions) -> str:
             f"{options.eval_limit or 'all'} queries x {options.eval_n} samples")  # fmt: skip
 
 
-def table_markdown(options: ExperimentOptions, table: dict) -> str:
+def table_markdown(options: ExperimentOptions, table: dict, parsed: dict[str, list[float | None]] | None = None) -> str:
+    """``parsed``: per method, each seed's share of held-out answers that parse (the metrics' denominators)."""
     methods = list(table)
     head = "| Method | " + " | ".join(stats.METRICS) + " | Avg. Rank |"
     lines = [f"# Experiment {options.name}\n", _budget(options) + "\n",
@@ -338,6 +340,16 @@ def table_markdown(options: ExperimentOptions, table: dict) -> str:
                 continue
             gains = [table[m]["metrics"][s]["gain_pct"] for s in stats.METRICS]
             lines.append(f"| {m} | " + " | ".join("-" if g is None else f"{g:+.1f}%" for g in gains) + " |")
+    if parsed:
+        lines += ["\n## Parsed held-out answers (not ranked)\n",
+                  "The five metrics are means over the answers that parse (all three tags); a policy that loses the "
+                  "format is measured on few answers. Share per seed, in seed order.\n",
+                  "| Method | mean | min | per seed |", "|---|:---:|:---:|---|"]  # fmt: skip
+        for m, shares in parsed.items():
+            known = [x for x in shares if x is not None]
+            if known:
+                each = " ".join("-" if x is None else f"{x:.0%}" for x in shares)
+                lines.append(f"| {m} | {sum(known) / len(known):.0%} | {min(known):.0%} | {each} |")
     return "\n".join(lines) + "\n"
 
 

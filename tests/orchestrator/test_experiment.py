@@ -44,6 +44,9 @@ def test_writes_table_json_and_figures(finished):
             assert v["mean"] is None or v["ci95"] == [v["mean"], v["mean"]]  # one seed: zero width
     table = (out / "table.md").read_text()
     assert "| sft |" in table and "| grace |" in table and "% gain over the sft baseline" in table
+    state = json.loads((work / "runs" / cell_id(NAME, "grace", 0) / "state.json").read_text())
+    share = f"{state['evaluated']['iter 1']['parse_rate']:.0%}"
+    assert "## Parsed held-out answers (not ranked)" in table and f"| grace | {share} | {share} | {share} |" in table
     saved = json.loads((out / "experiment.json").read_text())
     assert saved["contract"] == json.loads(json.dumps(contract))
     assert {c["run_id"] for c in saved["cells"]} == {cell_id(NAME, "sft", 0), cell_id(NAME, "grace", 0)}
