@@ -240,6 +240,7 @@ CONTRACT = {
         (['--eval-limit'], [], 8, False, 'held-out requests evaluated per iteration', '<int>', None, None, False, False, None, ('--eval-limit <int>', 'held-out requests evaluated per iteration  [default: 8]')),
         (['--judge'], ['--no-judge'], False, False, 'also judge the held-out responses with the judge service', '<bool>', None, None, True, False, None, ('--judge / --no-judge', 'also judge the held-out responses with the judge service  [default: no-judge]')),
         (['--report-to'], [], 'none', False, "also record trainer steps, iteration records and evaluation tables in: none, all, or a comma-separated list of tensorboard, mlflow, wandb (files under the run folder's tracking/; MLflow local unless MLFLOW_TRACKING_URI is set, W&B offline unless WANDB_MODE is set)", '<str>', None, None, False, False, None, ('--report-to <str>', "also record trainer steps, iteration records and evaluation tables in: none, all, or a comma-separated list of tensorboard, mlflow, wandb (files under the run folder's tracking/; MLflow local unless MLFLOW_TRACKING_URI is set, W&B offline unless WANDB_MODE is set)  [default: none]")),
+        (['--max-staleness'], [], 0, False, 'adapter versions a trained sample may lag behind the on-policy one (0: on-policy, as the paper; -1: any)', '<int range>', -1, None, False, False, None, ('--max-staleness <int range>', 'adapter versions a trained sample may lag behind the on-policy one (0: on-policy, as the paper; -1: any)  [default: 0; x>=-1]')),
     ]),
     'bench reward': ('Service scoring path vs the script a user would write (fp32 padded perplexity + FlagEmbedding compute_score);\nwith --load, throughput, latency and 503s of C clients for T seconds, with no answer lost or duplicated.', [
         (['--queries'], [], 2, False, 'queries (x m responses each) in the workload; with --load, per request', '<int range>', 1, None, False, False, None, ('--queries <int range>', 'queries (x m responses each) in the workload; with --load, per request  [default: 2; x>=1]')),
@@ -451,6 +452,11 @@ def test_run_builds_the_loops_options(monkeypatch):
     config = seen[0].config
     assert (config.iterations, config.queries_per_iteration, config.total_queries, config.loss) == (3, 8, 20, "kto")
     assert seen[0].run_dir == Path("rr/r") and seen[0].judge and seen[0].tracking.report_to == ()
+    assert config.max_staleness == 0  # on-policy, as the paper
+    for flag, staleness in (("2", 2), ("-1", None)):
+        out, seen = _invoke(monkeypatch, "services.orchestrator.loop", "SemiOnlineRun",
+                            ["run", "--run-id", "r", "--max-staleness", flag], started)  # fmt: skip
+        assert out.exit_code == 0 and seen[0].config.max_staleness == staleness, out.output
     out, seen = _invoke(monkeypatch, "services.orchestrator.loop", "SemiOnlineRun", ["run", "--run-id", "r", "-n", "0"])
     assert out.exit_code == 2 and not seen, out.output
 

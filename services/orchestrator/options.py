@@ -64,6 +64,8 @@ class RunCommandOptions:
     eval_limit: int = opt(8, "held-out requests evaluated per iteration")
     judge: bool = opt(False, "also judge the held-out responses with the judge service")
     report_to: tuple[str, ...] = opt((), REPORT_TO_HELP, cli_type=str, cli_default="none", parse=parse_report_to)
+    max_staleness: int | None = opt(0, "adapter versions a trained sample may lag behind the on-policy one (0: on-policy, "
+                                    "as the paper; -1: any)", min=-1, parse=lambda v: None if v == -1 else v)  # fmt: skip
 
     def run_options(self) -> RunOptions:
         """The run's config and options, as the loop takes them."""
@@ -73,7 +75,7 @@ class RunCommandOptions:
 
         config = RunConfig.from_budget(self.run_id, total_queries=self.total_queries, k=self.queries, offline=self.offline,
                                        iterations=self.iterations, responses_per_query=self.responses, loss=self.loss,
-                                       epochs=self.epochs)  # fmt: skip
+                                       epochs=self.epochs, max_staleness=self.max_staleness)  # fmt: skip
         return RunOptions(config=config, run_dir=self.run_root / self.run_id, eval_limit=self.eval_limit, judge=self.judge,
                           tracking=TrackingOptions(report_to=self.report_to))  # fmt: skip
 
