@@ -120,13 +120,20 @@ def _finished_cells(options: ExperimentOptions, root: Path) -> list[dict] | None
     cells = []
     for seed in range(options.seeds):
         for method in options.methods:
-            marker = root / cell_id(options.name, BASELINE, seed) / "cell.json"
-            cell = ({**json.loads(marker.read_text()), "resumed": True} if marker.exists() else None) \
-                if method == BASELINE else _trained_record(options, root, method, seed, 0.0, resumed=True)  # fmt: skip
+            if method == BASELINE:
+                cell = _base_record(options, root, seed)
+            else:
+                cell = _trained_record(options, root, method, seed, 0.0, resumed=True)
             if cell is None:
                 return None
             cells.append(cell)
     return cells
+
+
+def _base_record(options: ExperimentOptions, root: Path, seed: int) -> dict | None:
+    """The base cell's record (its ``cell.json``, written when it was evaluated); None before that."""
+    marker = root / cell_id(options.name, BASELINE, seed) / "cell.json"
+    return {**json.loads(marker.read_text()), "resumed": True} if marker.exists() else None
 
 
 def _trained_record(options: ExperimentOptions, root: Path, method: str, seed: int, seconds: float,
@@ -192,13 +199,12 @@ def _base_cell(options: ExperimentOptions, info: StackInfo, root: Path, seed: in
     from services.rollout.config import RolloutSettings
     from shared.settings import load_settings
 
-    run_id = cell_id(options.name, BASELINE, seed)
-    run_dir = root / run_id
-    marker = run_dir / "cell.json"
-    if marker.exists():
-        cell = {**json.loads(marker.read_text()), "resumed": True}
+    cell = _base_record(options, root, seed)
+    if cell is not None:
         _progress(console, tag, cell)
         return cell
+    run_id = cell_id(options.name, BASELINE, seed)
+    run_dir = root / run_id
     started = time.perf_counter()
     settings = load_settings(RolloutSettings, info.config_path, run_id=run_id, gateway_url=info.gateway_urls())
     with console.status(f"{tag} {BASELINE} seed {seed}: evaluating the starting policy"):
@@ -222,7 +228,7 @@ def _base_cell(options: ExperimentOptions, info: StackInfo, root: Path, seed: in
     cell = {"method": BASELINE, "seed": seed, "run_id": run_id, "dir": str(run_dir), "final_label": BASE_LABEL,
             "final": values, "records": str(run_dir / "eval" / BASE_LABEL / "responses.jsonl"),
             "seconds": time.perf_counter() - started}  # fmt: skip
-    marker.write_text(json.dumps(cell, indent=1))
+    (run_dir / "cell.json").write_text(json.dumps(cell, indent=1))
     cell["resumed"] = False
     _progress(console, tag, cell)
     return cell
